@@ -1,0 +1,3 @@
+from dist_seg.cli import main
+
+main()

@@ -1,0 +1,219 @@
+"""`dist-seg` (and `python -m dist_seg`): one entry point, one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from dist_seg.errors import UserError
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model (also under accelerate launch / SLURM)")
+    p.add_argument("--config", help="YAML run config (see configs/)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value, type-checked (repeatable)",
+    )
+    p.add_argument("--resume", help="'auto' (the run's own last.pt, if any) or a checkpoint path")
+    # The seed's own command line, accepted unchanged beside the toolkit's spellings.
+    p.add_argument("--model", help="unet | resnet34_unet (seed: resnet34)")
+    p.add_argument(
+        "--data_path",
+        "--data-path",
+        dest="data_path",
+        help="raw Oxford-IIIT Pet root (packed once into shards/) or a shard directory",
+    )
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, help="per process")
+    p.add_argument("--learning-rate", "--learning_rate", "--lr", dest="lr", type=float)
+    p.add_argument("--flip", nargs="?", const="yes", help="flip augmentation: --flip [Yes|No]")
+    p.add_argument("--no-flip", dest="flip", action="store_const", const="no")
+    p.add_argument(
+        "--name", help="run name: runs/NAME (default: SLURM job id, else the config's name)"
+    )
+
+
+def _legacy_overrides(args) -> dict:
+    """The seed's flags as a config override dict."""
+    over: dict = {}
+    if args.model:
+        over.setdefault("model", {})["name"] = (
+            "resnet34_unet" if args.model == "resnet34" else args.model
+        )
+    if args.data_path:
+        path = Path(args.data_path)
+        if (path / "manifest.json").exists() or "://" in args.data_path:
+            over.setdefault("data", {})["shards"] = args.data_path
+        else:
+            size = 256
+            over.setdefault("data", {}).update(
+                root=args.data_path, shards=f"shards/{path.name}-{size}"
+            )
+    if args.epochs is not None:
+        over.setdefault("train", {})["epochs"] = args.epochs
+    if args.batch_size is not None:
+        over.setdefault("train", {})["batch_size"] = args.batch_size
+    if args.lr is not None:
+        over.setdefault("optim", {})["lr"] = args.lr
+    if args.flip is not None:
+        if args.flip.lower() not in ("yes", "no", "true", "false"):
+            raise UserError(f"--flip {args.flip!r}: expected Yes or No")
+        over.setdefault("data", {})["flip"] = args.flip.lower() in ("yes", "true")
+    if args.name:
+        over.setdefault("run", {})["name"] = args.name
+    return over
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dist-seg", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "synth", help="write a synthetic Oxford-IIIT Pet twin (same layout and oddities)"
+    )
+    p.add_argument("--root", required=True)
+    p.add_argument("--num-images", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("download", help="fetch and verify the two official archives")
+    p.add_argument("--root", required=True)
+    p.add_argument("--base-url", help="a mirror holding images.tar.gz and annotations.tar.gz")
+
+    p = sub.add_parser("pack", help="pack a data set into WebDataset shards + manifest.json")
+    p.add_argument("--root", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", type=int, default=256, help="side in pixels; 0 keeps originals")
+    p.add_argument("--shard-size", type=int, default=256, help="samples per shard")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--encoding", default="raw", choices=("raw", "jpeg"))
+    p.add_argument("--skip-bad", action="store_true", help="skip and count unreadable samples")
+
+    _add_train(sub)
+
+    p = sub.add_parser("evaluate", help="metrics.json (+ masks) of a checkpoint on one split")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--shards", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", help="where metrics.json goes (default: the checkpoint's directory)")
+    p.add_argument("--save-masks", help="directory for predicted masks and overlays")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2)
+
+    p = sub.add_parser("predict", help="masks for any images, at their original resolution")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--input", required=True, help="an image or a directory of images")
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("demo", help="synthesize, pack, train a small model on CPU, evaluate")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--epochs", type=int, default=None)
+    return parser
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "synth":
+        from dist_seg.data.synth import make_synthetic
+
+        summary = make_synthetic(Path(args.root), num_images=args.num_images, seed=args.seed)
+        print(f"synthetic data set in {args.root}: {summary}")
+    elif args.command == "download":
+        from dist_seg.data.download import download
+
+        download(Path(args.root), base_url=args.base_url)
+    elif args.command == "pack":
+        from rich.progress import Progress
+
+        from dist_seg.data.pack import pack
+
+        with Progress() as progress:
+            m = pack(
+                Path(args.root),
+                Path(args.out),
+                size=args.size,
+                shard_size=args.shard_size,
+                workers=args.workers,
+                encoding=args.encoding,
+                skip_bad=args.skip_bad,
+                progress=progress,
+            )
+        counts = {k: v["num_samples"] for k, v in m["splits"].items()}
+        skipped = len(m["source"]["skipped"])
+        print(
+            f"packed {counts} into {args.out} ({m['encoding']}, {m['image_size'] or 'original'} px"
+            f"{f', {skipped} skipped' if skipped else ''})"
+        )
+    elif args.command == "train":
+        from dist_seg.config import load_config, parse_set
+        from dist_seg.train import EXIT_PREEMPTED, train
+
+        cfg = load_config(args.config, [_legacy_overrides(args), parse_set(args.overrides)])
+        if train(cfg, resume=args.resume)["preempted"]:
+            return EXIT_PREEMPTED
+    elif args.command == "evaluate":
+        from dist_seg.evaluate import run_evaluate
+
+        run_evaluate(
+            args.checkpoint,
+            args.shards,
+            args.split,
+            args.out,
+            args.save_masks,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+        )
+    elif args.command == "predict":
+        from dist_seg.predict import predict
+
+        predict(args.checkpoint, args.input, args.out)
+    elif args.command == "demo":
+        from dist_seg.demo import demo
+
+        demo(Path(args.out), epochs=args.epochs)
+    return 0
+
+
+def _is_main_process() -> bool:
+    try:
+        from accelerate.state import PartialState
+
+        return not PartialState._shared_state or PartialState().is_main_process
+    except Exception:
+        return True
+
+
+def error_line(err: BaseException) -> str:
+    """One line for the user. An error raised in a DataLoader worker comes back wrapped with
+    the worker's traceback; its last line is the original message."""
+    text = str(err).strip().splitlines()
+    line = text[-1] if text else type(err).__name__
+    for prefix in (
+        "dist_seg.errors.DataError: ",
+        "dist_seg.errors.UserError: ",
+        "DataError: ",
+        "UserError: ",
+    ):
+        line = line.removeprefix(prefix)
+    return line
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = run(argv)
+    except UserError as e:
+        if _is_main_process():
+            print(f"dist-seg: error: {error_line(e)}", file=sys.stderr, flush=True)
+        code = 2
+    except KeyboardInterrupt:
+        print("dist-seg: interrupted", file=sys.stderr, flush=True)
+        code = 130
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(code)

@@ -1,0 +1,149 @@
+"""manifest.json: what a pack holds, and the check that shards are still what it says.
+
+Schema (format_version 1), written by `dist-seg pack` after every shard is whole::
+
+    {
+      "format_version": 1,
+      "toolkit_version": "0.1.0",         # dist_seg that wrote it
+      "created": "2026-11-24T12:00:00Z",
+      "source": {"dataset": "oxford-iiit-pet", "root": "/abs/path", "skipped": ["name: reason"]},
+      "image_size": 256,                  # side of every sample; 0 = original sizes kept
+      "encoding": "raw",                  # "raw" (uint8 arrays) or "jpeg" (image.jpg + trimap.png)
+      "jpeg_quality": 95,                 # only meaningful for "jpeg"
+      "splits": {
+        "train": {"num_samples": 3312,
+                  "shards": [{"name": "train-000000.tar", "num_samples": 256,
+                              "sha256": "…", "bytes": 67000000}, …]},
+        "val": {…}, "test": {…}
+      }
+    }
+
+Each sample in a shard has the members ``<key>.json`` (name, class_id, species, breed_id,
+height, width, orig_height, orig_width) and either ``<key>.image.u8`` + ``<key>.trimap.u8``
+(raw HxWx3 / HxW uint8 bytes) or ``<key>.image.jpg`` + ``<key>.trimap.png``. The trimap is
+always lossless (values 1 pet, 2 background, 3 border) so the border policy is chosen at
+train time. Shard names are relative to the manifest's location.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from dist_seg import __version__
+from dist_seg.errors import DataError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str  # local path or any URL webdataset opens
+    num_samples: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    location: str
+    image_size: int
+    encoding: str
+    splits: dict[str, list[Shard]]
+    raw: dict
+
+    def num_samples(self, split: str) -> int:
+        return sum(s.num_samples for s in self.shards(split))
+
+    def shards(self, split: str) -> list[Shard]:
+        if split not in self.splits:
+            raise DataError(
+                f"{self.location}/{MANIFEST} has no split {split!r} "
+                f"(it has {sorted(self.splits)}); repack with `dist-seg pack`"
+            )
+        return self.splits[split]
+
+
+def is_url(location: str) -> bool:
+    return "://" in location or location.startswith("pipe:")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_manifest(location: str | Path) -> Manifest:
+    """Read ``<location>/manifest.json``; location is a directory or an http(s) URL of one."""
+    location = str(location).rstrip("/")
+    where = f"{location}/{MANIFEST}"
+    try:
+        if is_url(location):
+            with urllib.request.urlopen(where, timeout=60) as r:
+                raw = json.loads(r.read())
+        else:
+            raw = json.loads(Path(where).read_text())
+    except FileNotFoundError:
+        raise DataError(
+            f"no {MANIFEST} in {location}: pack the data set first with "
+            f"`dist-seg pack --root DATA --out {location}`"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {where}: {e}; repack with `dist-seg pack`") from None
+    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if not isinstance(version, int):
+        raise DataError(f"{where} is not a dist_seg manifest (no format_version); repack it")
+    if version > FORMAT_VERSION:
+        raise DataError(
+            f"{where} has format_version {version}, newer than this dist_seg "
+            f"({__version__}, reads {FORMAT_VERSION}); upgrade dist_seg or repack"
+        )
+    try:
+        splits = {
+            split: [
+                Shard(f"{location}/{s['name']}", int(s["num_samples"]), s["sha256"])
+                for s in info["shards"]
+            ]
+            for split, info in raw["splits"].items()
+        }
+        return Manifest(location, int(raw["image_size"]), raw["encoding"], splits, raw)
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{where} is malformed ({e!r} missing or wrong); repack it") from None
+
+
+def verify_shards(shards: list[Shard]) -> None:
+    """Check local shards' sha256 against the manifest (remote ones are count-checked as read).
+
+    A shard cut at a tar header boundary yields fewer samples with no error at all
+    (DESIGN.md section 2), so the hash is the only reliable check before training on it.
+    """
+    for shard in shards:
+        if is_url(shard.url):
+            continue
+        path = Path(shard.url)
+        if not path.exists():
+            raise DataError(f"shard {path} listed in the manifest is missing; repack the data set")
+        if sha256_file(path) != shard.sha256:
+            raise DataError(
+                f"shard {path} does not match its manifest sha256 (truncated or altered); "
+                "repack with `dist-seg pack`"
+            )
+
+
+def check_shards(
+    manifest: Manifest, splits, rank: int = 0, world_size: int = 1
+) -> DataError | None:
+    """verify_shards over this rank's share (every world_size-th shard) of ``splits``;
+    returns the error instead of raising, for runtime.raise_on_any_rank."""
+    try:
+        for split in splits:
+            verify_shards(manifest.shards(split)[rank::world_size])
+    except DataError as e:
+        return e
+    return None

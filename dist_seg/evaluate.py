@@ -1,0 +1,122 @@
+"""Evaluation: the loop the trainer validates with, and the `dist-seg evaluate` command."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dist_seg import metrics
+from dist_seg.checkpoint import model_from_checkpoint
+from dist_seg.console import Console
+from dist_seg.data.manifest import check_shards, load_manifest
+from dist_seg.data.stream import build_loader
+from dist_seg.data.transforms import to_device
+from dist_seg.errors import DataError
+from dist_seg.runtime import make_accelerator, raise_on_any_rank, release
+from dist_seg.viz import save_mask_png, save_png, side_by_side
+
+
+@torch.no_grad()
+def evaluate(
+    model, loader, accelerator, *, channels_last=True, console=None, on_batch=None
+) -> dict:
+    """Metrics of ``model`` (a plain module, not the DDP wrapper: an eval forward must not
+    start collectives, since ranks may hold different batch counts) over this rank's part
+    of ``loader``, reduced across ranks once at the end."""
+    was_training = model.training
+    model.eval()
+    stats = metrics.zeros(accelerator.device)
+    console = console or Console(enabled=False)
+    with console.progress("eval", len(loader)) as update:
+        for batch in loader:
+            images, masks = to_device(batch, accelerator.device, channels_last)
+            with accelerator.autocast():
+                logits = model(images)
+            stats += metrics.batch_stats(logits, masks)
+            if on_batch is not None:
+                on_batch(batch, logits)
+            update()
+    model.train(was_training)
+    return metrics.summarize(accelerator.reduce(stats, reduction="sum"))
+
+
+def run_evaluate(
+    checkpoint: str,
+    shards: str,
+    split: str = "test",
+    out: str | None = None,
+    save_masks: str | None = None,
+    batch_size: int = 8,
+    num_workers: int = 2,
+) -> dict:
+    """`dist-seg evaluate`: metrics.json (+ masks and overlays) for one split; any world size."""
+    model, cfg, _ = model_from_checkpoint(checkpoint)
+    accelerator = make_accelerator(cfg.train.precision)
+    console = Console(enabled=accelerator.is_main_process)
+    manifest = load_manifest(shards)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    raise_on_any_rank(accelerator, check_shards(manifest, [split], rank, world))
+    loader = build_loader(
+        manifest,
+        split,
+        batch_size=batch_size,
+        train=False,
+        rank=rank,
+        world_size=world,
+        num_workers=num_workers,
+        border=cfg.data.border,
+        size=cfg.data.size,
+        pin_memory=accelerator.device.type == "cuda",
+    )
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = model.to(accelerator.device, memory_format=memory_format)
+    mask_dir = Path(save_masks) if save_masks else None
+    on_batch = (lambda b, logits: _save_masks(b, logits, mask_dir)) if mask_dir else None
+    result = evaluate(
+        model,
+        loader,
+        accelerator,
+        channels_last=cfg.train.channels_last,
+        console=console,
+        on_batch=on_batch,
+    )
+    expected = manifest.num_samples(split)
+    if result["num_images"] != expected:
+        raise DataError(
+            f"evaluated {result['num_images']} images of split {split!r} but "
+            f"{manifest.location} lists {expected}; the shards are damaged, repack them"
+        )
+    result.update(split=split, checkpoint=str(checkpoint), shards=str(shards))
+    out_dir = Path(out) if out else Path(checkpoint).resolve().parent
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir / ".metrics.json.tmp"
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, out_dir / "metrics.json")
+        console.table(f"{split} ({result['num_images']} images)", _headline(result))
+        console.print(
+            f"metrics: {out_dir / 'metrics.json'}" + (f"  masks: {mask_dir}" if mask_dir else "")
+        )
+    release(accelerator, model, loader)
+    return result
+
+
+def _headline(result: dict) -> dict:
+    keys = ("dice_per_image", "dice_dataset", "iou_per_image", "iou_dataset", "loss", "num_images")
+    return {k: result[k] for k in keys}
+
+
+def _save_masks(batch: dict, logits: torch.Tensor, out: Path) -> None:
+    """Predicted mask (0/255 PNG) and an image | truth | prediction overlay per sample."""
+    preds = (logits[:, 0] > 0).cpu().numpy()
+    images = batch["image"].permute(0, 2, 3, 1).numpy()
+    truths = batch["mask"].numpy()
+    for name, image, pred, truth in zip(batch["name"], images, preds, truths):
+        save_mask_png(pred, out / "masks" / f"{name}.png")
+        save_png(
+            side_by_side(np.ascontiguousarray(image), pred, truth), out / "overlays" / f"{name}.png"
+        )

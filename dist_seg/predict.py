@@ -1,0 +1,66 @@
+"""`dist-seg predict`: masks for any images at their original resolution, with overlays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dist_seg.checkpoint import model_from_checkpoint
+from dist_seg.data.pets import decode_image, resize_pair
+from dist_seg.errors import DataError, UserError
+from dist_seg.viz import save_mask_png, save_png, side_by_side
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+@torch.no_grad()
+def predict_mask(model: torch.nn.Module, image: np.ndarray, size: int, device="cpu") -> np.ndarray:
+    """HxW bool mask for an HxWx3 uint8 image: resized to the training size, logits resized back."""
+    h, w = image.shape[:2]
+    small, _ = resize_pair(image, np.zeros((h, w), np.uint8), size)
+    x = torch.from_numpy(np.ascontiguousarray(small)).permute(2, 0, 1)[None].float().div_(255)
+    logits = model(x.to(device))
+    logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
+    return (logits[0, 0] > 0).cpu().numpy()
+
+
+def predict(checkpoint: str, input_path: str, out: str) -> int:
+    """Writes OUT/<stem>_mask.png (0/255) and OUT/<stem>_overlay.png per image; returns the count."""
+    src = Path(input_path)
+    if src.is_dir():
+        files = sorted(
+            p
+            for p in src.iterdir()
+            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("._")
+        )
+        if not files:
+            raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {src}")
+    elif src.is_file():
+        files = [src]
+    else:
+        raise UserError(f"--input {src} does not exist")
+    model, cfg, _ = model_from_checkpoint(checkpoint)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device).eval()
+    out_dir = Path(out)
+    done, skipped = 0, []
+    for path in files:
+        try:
+            image = decode_image(path)
+        except DataError as e:
+            if len(files) == 1:
+                raise
+            skipped.append(f"{path.name}: {e}")
+            continue
+        mask = predict_mask(model, image, cfg.data.size, device)
+        save_mask_png(mask, out_dir / f"{path.stem}_mask.png")
+        save_png(side_by_side(image, mask), out_dir / f"{path.stem}_overlay.png")
+        done += 1
+    print(
+        f"{done} masks and overlays in {out_dir}"
+        + (f"; skipped {len(skipped)} unreadable: {skipped}" if skipped else "")
+    )
+    return done

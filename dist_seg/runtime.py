@@ -1,0 +1,126 @@
+"""Accelerate set-up in one place: device, process group, precision and the fast-path switches."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from datetime import timedelta
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, broadcast
+
+from dist_seg.errors import UserError
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bf16 autocast only pays on CPUs with AMX tiles (DESIGN.md section 8: ~3x there)."""
+    probe = getattr(torch._C._cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
+
+
+def resolve_precision(precision: str, cuda: bool) -> str:
+    if precision == "auto":
+        if cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_fast_bf16() else "no"
+    if precision == "fp16" and not cuda:
+        # accelerate would silently run fp16 as fp32 on CPU (DESIGN.md section 3).
+        raise UserError(
+            "train.precision=fp16 needs a GPU; on CPU it would silently run in fp32. "
+            "Use train.precision=bf16 or no"
+        )
+    return precision
+
+
+def make_accelerator(
+    precision: str = "no", grad_accum: int = 1, log_with=None, timeout_s: int = 600
+) -> Accelerator:
+    """An Accelerator for this machine: CUDA if present, otherwise CPU processes on gloo,
+    so a plain `accelerate launch --multi_gpu --num_processes 2` works on a laptop too."""
+    cuda = torch.cuda.is_available()
+    # No backend here: accelerate picks gloo for CPU processes and NCCL for GPUs, and none
+    # at all for a single process (naming one would make it start a process group).
+    kwargs = InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))
+    accelerator = Accelerator(
+        cpu=not cuda,
+        mixed_precision=resolve_precision(precision, cuda),
+        gradient_accumulation_steps=grad_accum,
+        log_with=log_with,
+        kwargs_handlers=[kwargs],
+    )
+    return accelerator
+
+
+def apply_speed_switches(cudnn_benchmark: bool) -> None:
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def sync_buffers(model: torch.nn.Module, accelerator: Accelerator) -> None:
+    """Broadcast BatchNorm running statistics from rank 0.
+
+    DDP broadcasts buffers only before a training forward, so after the last step ranks
+    hold slightly different statistics (DESIGN.md section 3). Called before every
+    evaluation and save, so what is evaluated is what is saved, on every rank.
+    """
+    if accelerator.num_processes == 1:
+        return
+    for buf in accelerator.unwrap_model(model).buffers():
+        broadcast(buf, from_process=0)
+
+
+def release(accelerator: Accelerator, *objects) -> None:
+    """Free everything before exit: with it, the gloo abort at interpreter shutdown
+    ("terminate called without an active exception", DESIGN.md section 3) went away."""
+    del objects
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.wait_for_everyone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def raise_on_any_rank(accelerator: Accelerator, error: Exception | None) -> None:
+    """Re-raise ``error`` on *every* rank if any rank had one: a check that fails on one
+    rank only would otherwise leave the others waiting in the next collective."""
+    if accelerator.num_processes == 1:
+        if error is not None:
+            raise error
+        return
+    from accelerate.utils import gather_object
+
+    messages = [m for m in gather_object([str(error) if error else ""]) if m]
+    if messages:
+        raise type(error)(messages[0]) if error else UserError(messages[0])
+
+
+class Preemption:
+    """SIGTERM and SIGUSR1 only set a flag; the trainer checkpoints at the next step boundary
+    where all ranks compare flags (DESIGN.md section 7: handlers must not do the work)."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        import signal
+
+        self.requested = False
+        self._previous = {}
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                # not possible outside the main thread (e.g. a test runner thread): no-op there
+                with contextlib.suppress(ValueError):
+                    self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}

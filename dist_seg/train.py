@@ -1,0 +1,380 @@
+"""The trainer: one readable loop on Accelerate (`Trainer.fit` -> `train_one_epoch` -> `validate`).
+
+Every decision (best epoch, preemption stop) is taken from all-reduced values, so all ranks
+take it at the same step; only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from accelerate.utils import gather_object
+
+from dist_seg import metrics
+from dist_seg.checkpoint import load_checkpoint, load_weights, model_from_config, save_checkpoint
+from dist_seg.config import Config, config_from_dict, dump_config
+from dist_seg.console import Console, wandb_mode
+from dist_seg.data.manifest import check_shards, load_manifest
+from dist_seg.data.stream import build_loader
+from dist_seg.data.transforms import random_flips, to_device
+from dist_seg.errors import UserError
+from dist_seg.evaluate import evaluate
+from dist_seg.runtime import (
+    Preemption,
+    apply_speed_switches,
+    make_accelerator,
+    raise_on_any_rank,
+    release,
+    sync_buffers,
+)
+from dist_seg.tracking import Tracker
+from dist_seg.viz import plot_history
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved, requeue me (launch/slurm/*.sbatch)
+
+
+def loss_fn(
+    logits: torch.Tensor, masks: torch.Tensor, kind: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss over valid pixels, BCE sum) of one batch; masks uint8 0/1/255."""
+    masks = masks.unsqueeze(1)
+    valid = (masks != metrics.IGNORE_INDEX).float()
+    target = (masks == 1).float()
+    bce_sum = metrics.masked_bce(logits, target, valid)
+    loss = bce_sum / valid.sum().clamp_min(1)
+    if kind == "bce_dice":
+        prob = torch.sigmoid(logits.float()) * valid
+        inter = (prob * target).sum(dim=(1, 2, 3))
+        soft = (2 * inter + 1) / (prob.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3)) + 1)
+        loss = loss + (1 - soft).mean()
+    return loss, bce_sum.detach()
+
+
+def make_scheduler(optimizer, cfg: Config, total_steps: int):
+    """Linear warmup, then constant, cosine or poly(0.9) decay, per optimizer step."""
+    warmup, kind = cfg.optim.warmup_steps, cfg.optim.schedule
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if kind == "poly":
+            return (1 - progress) ** 0.9
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def prepare_shards(cfg: Config, accelerator, console) -> str:
+    """The shard location to train on: packs ``data.root`` into ``data.shards`` once, on the
+    main process, and reuses that pack when it already matches (same source and size)."""
+    from dist_seg.data.pack import pack
+
+    shards = Path(cfg.data.shards)
+    if not cfg.data.root:
+        return cfg.data.shards
+    manifest = shards / "manifest.json"
+    current = json.loads(manifest.read_text()) if manifest.exists() else {}
+    root = str(Path(cfg.data.root).resolve())
+    size = cfg.data.size or 256
+    fresh = current.get("source", {}).get("root") == root and current.get("image_size") == size
+    error = None
+    if not fresh and accelerator.is_main_process:
+        console.print(f"packing {root} into {shards} (once; later runs reuse it)")
+        try:
+            pack(Path(root), shards, size=size, workers=max(1, (os.cpu_count() or 2) // 2))
+        except UserError as e:
+            error = e
+    raise_on_any_rank(accelerator, error)
+    return str(shards)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of every parameter and buffer: equal on all ranks after a correct DDP run."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        log_with = "wandb" if wandb_mode(cfg.wandb.mode) != "disabled" else None
+        self.accelerator = acc = make_accelerator(
+            cfg.train.precision, cfg.optim.grad_accum, log_with
+        )
+        apply_speed_switches(cfg.train.cudnn_benchmark)
+        if cfg.train.sync_bn and acc.device.type != "cuda":
+            raise UserError(
+                "train.sync_bn=true needs GPUs: torch's SyncBatchNorm does not run on CPU; "
+                "set train.sync_bn=false"
+            )
+        self.main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
+        self.console = Console(enabled=self.main, log_every=cfg.train.log_every)
+        self.run_dir = cfg.run_dir()
+        if self.main:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                dump_config(cfg, self.run_dir / "config.yaml")
+            except OSError as e:
+                raise UserError(
+                    f"cannot write the run directory {self.run_dir}: {e.strerror}; set run.out_dir"
+                ) from None
+
+        self.manifest = load_manifest(prepare_shards(cfg, acc, self.console))
+        splits = (cfg.data.train_split, cfg.data.val_split)
+        raise_on_any_rank(acc, check_shards(self.manifest, splits, self.rank, self.world))
+        common = dict(rank=self.rank, world_size=self.world, num_workers=cfg.data.num_workers,
+                      border=cfg.data.border, size=cfg.data.size,
+                      pin_memory=acc.device.type == "cuda")  # fmt: skip
+        self.train_loader = build_loader(
+            self.manifest, cfg.data.train_split, batch_size=cfg.train.batch_size, train=True,
+            seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer, **common,
+        )  # fmt: skip
+        self.val_loader = build_loader(
+            self.manifest, cfg.data.val_split, train=False,
+            batch_size=cfg.train.eval_batch_size or cfg.train.batch_size, **common,
+        )  # fmt: skip
+
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        model = model_from_config(cfg)
+        if cfg.train.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.Adam(
+            model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+        )
+        self.steps_per_epoch = len(self.train_loader)
+        total = cfg.train.epochs * self.steps_per_epoch // cfg.optim.grad_accum
+        self.scheduler = make_scheduler(optimizer, cfg, total)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        if cfg.train.compile:
+            self.model = torch.compile(self.model)
+        # Where training stands; all of it goes into last.pt.
+        self.epoch, self.step, self.history = 0, 0, []
+        self.best = {"dice_per_image": -1.0, "epoch": 0}
+        self.train_sums = torch.zeros(2, dtype=torch.float64, device=acc.device)
+        self.preemption, self.stop_requested = Preemption(), False
+        self.tracker = Tracker(acc, cfg, self.run_dir)
+
+    @property
+    def raw_model(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    # --- the loop ------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        self.console.print(
+            f"[bold]{cfg.model.name}[/] width {cfg.model.width} on {self.world} x "
+            f"{acc.device.type} ({acc.mixed_precision} precision) | "
+            f"{self.manifest.num_samples(cfg.data.train_split)} train / "
+            f"{self.manifest.num_samples(cfg.data.val_split)} val images | global batch "
+            f"{self.world} proc x {cfg.train.batch_size} x {cfg.optim.grad_accum} accum = "
+            f"{self.world * cfg.train.batch_size * cfg.optim.grad_accum} | "
+            f"{self.steps_per_epoch} steps/epoch per rank | lr {cfg.optim.lr:g} | {self.run_dir}"
+        )
+        t_start = time.perf_counter()
+        while self.epoch < cfg.train.epochs:
+            t0 = time.perf_counter()
+            if not self.train_one_epoch():
+                self.save("last.pt")
+                self.console.print(f"preempted: saved {self.run_dir / 'last.pt'} at epoch "
+                                   f"{self.epoch + 1} step {self.step}; exiting {EXIT_PREEMPTED}")  # fmt: skip
+                return self.finish({"preempted": True}, t_start)
+            self.validate(time.perf_counter() - t0)
+            if self.stop_requested and self.epoch < cfg.train.epochs:  # last.pt is fresh
+                return self.finish({"preempted": True}, t_start)
+        return self.finish({"preempted": False}, t_start)
+
+    def train_one_epoch(self) -> bool:
+        """Trains from ``self.step`` to the end of ``self.epoch``; False if preempted."""
+        cfg, acc = self.cfg, self.accelerator
+        loader = self.train_loader
+        loader.set_epoch(self.epoch, skip_batches=self.step)
+        self.model.train()
+        global_batch = cfg.train.batch_size * self.world
+        t0, start = time.perf_counter(), self.step
+        with self.console.progress(f"epoch {self.epoch + 1}", len(loader)) as update:
+            for data in loader:
+                images, masks = to_device(data, acc.device, cfg.train.channels_last)
+                if cfg.data.flip:  # coins from (seed, epoch, step, rank): resumes flip alike
+                    key = hash((cfg.train.seed, self.epoch, self.step, self.rank)) % (2**62)
+                    images, masks = random_flips(images, masks, torch.Generator().manual_seed(key))
+                with acc.accumulate(self.model):
+                    logits = self.model(images)
+                    loss, bce_sum = loss_fn(logits, masks, cfg.optim.loss)
+                    acc.backward(loss)
+                    if acc.sync_gradients and cfg.optim.grad_clip > 0:
+                        acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if acc.sync_gradients:
+                        self.scheduler.step()
+                self.train_sums[0] += bce_sum
+                self.train_sums[1] += (masks != metrics.IGNORE_INDEX).sum()
+                self.step += 1
+                if self.step % cfg.train.log_every and self.step != self.steps_per_epoch:
+                    update()
+                    continue
+                # One all-reduce gives the global running loss and whether any rank got a
+                # preemption signal, so every rank stops at this same step.
+                flag = torch.tensor(
+                    [self.preemption.requested], dtype=torch.float64, device=acc.device
+                )
+                window = acc.reduce(torch.cat([self.train_sums, flag]), reduction="sum")
+                loss_now = (window[0] / window[1]).item()
+                throughput = (self.step - start) * global_batch / (time.perf_counter() - t0)
+                self.tracker.log({"train/loss": loss_now, "train/lr": self.scheduler.get_last_lr()[0],
+                                  "train/images_per_s": throughput}, step=self.global_step())  # fmt: skip
+                update(loss=loss_now, img_s=throughput)
+                self.stop_requested = bool(window[2] > 0)
+                if self.stop_requested and self.step < self.steps_per_epoch:
+                    return False
+        return True
+
+    def validate(self, train_seconds: float) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        totals = acc.reduce(self.train_sums, reduction="sum")
+        sync_buffers(self.model, acc)
+        val = evaluate(self.raw_model, self.val_loader, acc, channels_last=cfg.train.channels_last,
+                       console=self.console)  # fmt: skip
+        row = {
+            "epoch": self.epoch + 1,
+            "train_loss": (totals[0] / totals[1]).item(),
+            "val_loss": val["loss"],
+            "val_dice_per_image": val["dice_per_image"],
+            "val_dice_dataset": val["dice_dataset"],
+            "val_iou_per_image": val["iou_per_image"],
+            "val_iou_dataset": val["iou_dataset"],
+            "val_images": val["num_images"],
+            "lr": self.scheduler.get_last_lr()[0],
+            "epoch_seconds": round(train_seconds, 2),
+        }
+        self.history.append(row)
+        improved = row["val_dice_per_image"] > self.best["dice_per_image"]  # same on all ranks
+        if improved:
+            self.best = {"dice_per_image": row["val_dice_per_image"], "epoch": self.epoch + 1}
+        self.epoch, self.step = self.epoch + 1, 0
+        self.train_sums.zero_()
+        self.tracker.log({f"val/{k[4:]}": v for k, v in row.items() if k.startswith("val_")}
+                         | {"epoch": row["epoch"], "epoch_seconds": row["epoch_seconds"]},
+                         step=self.global_step())  # fmt: skip
+        self.console.table(
+            f"epoch {row['epoch']}/{cfg.train.epochs}" + (" (best)" if improved else ""), row
+        )
+        self.save("last.pt")
+        if improved:
+            self.save("best.pt")
+        if self.main:
+            write_history(self.history, self.run_dir)
+
+    def global_step(self) -> int:
+        return self.epoch * self.steps_per_epoch + self.step
+
+    # --- checkpoints ---------------------------------------------------------------------
+    def save(self, name: str) -> None:
+        """Collective (buffers are broadcast first); only the main process writes."""
+        sync_buffers(self.model, self.accelerator)
+        weights = self.accelerator.get_state_dict(self.model)
+        if not self.main:
+            return
+        state = {"model": weights, "config": self.cfg.to_dict(), "epoch": self.epoch,
+                 "best": self.best}  # fmt: skip
+        if name == "best.pt":
+            state["metrics"] = self.history[-1]
+        else:
+            state |= {
+                "step": self.step,  # batches of `epoch` already trained (mid-epoch resume)
+                "train_sums": self.train_sums.cpu(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "history": self.history,
+            }
+            if self.accelerator.scaler is not None:
+                state["scaler"] = self.accelerator.scaler.state_dict()
+        save_checkpoint(state, self.run_dir / name)
+
+    def resume(self, resume: str) -> None:
+        path = self.run_dir / "last.pt" if resume == "auto" else Path(resume)
+        if resume == "auto" and not path.exists():
+            self.console.print(f"no checkpoint in {self.run_dir}: starting fresh")
+            return
+        state = load_checkpoint(path)
+        saved = config_from_dict(state["config"])
+        if (saved.model.name, saved.model.width) != (self.cfg.model.name, self.cfg.model.width):
+            raise UserError(
+                f"checkpoint {path} is a {saved.model.name} width {saved.model.width}, this run a "
+                f"{self.cfg.model.name} width {self.cfg.model.width}; resume with the same model"
+            )
+        if "optimizer" not in state:
+            raise UserError(f"checkpoint {path} holds weights only; resume from a last.pt")
+        load_weights(self.raw_model, state["model"], path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.history, self.best = state["history"], state["best"]
+        self.train_sums = state["train_sums"].to(self.accelerator.device)
+        self.console.print(f"resumed from {path} at epoch {self.epoch + 1} step {self.step}")
+
+    def finish(self, extra: dict, t_start: float) -> dict:
+        digest = weights_digest(self.raw_model)
+        digests = gather_object([digest]) if self.world > 1 else [digest]
+        summary = {
+            **extra,
+            "ranks_agree": len(set(digests)) == 1,
+            "weights_sha256_all_ranks": digests,
+            "best_epoch": self.best["epoch"],
+            "best_val_dice_per_image": self.best["dice_per_image"],
+            "epochs_done": self.epoch,
+            "wall_seconds": round(time.perf_counter() - t_start, 1),
+            "run_dir": str(self.run_dir),
+        }
+        if self.main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            if not summary["ranks_agree"]:
+                self.console.print(
+                    f"[bold red]warning[/]: ranks ended with different weights: {digests}"
+                )
+            if not extra.get("preempted"):
+                self.console.print(
+                    f"[bold green]done[/] best epoch {summary['best_epoch']}: val Dice (per image) "
+                    f"{summary['best_val_dice_per_image']:.4f}, {summary['wall_seconds']} s | "
+                    f"{self.run_dir}/ best.pt last.pt history.csv curves.png"
+                )
+        self.tracker.finish()
+        self.preemption.restore()
+        self.model = self.optimizer = self.train_loader = self.val_loader = None
+        release(self.accelerator)
+        return summary
+
+
+def write_history(history: list[dict], run_dir: Path) -> None:
+    """history.csv, history.json and curves.png, each replaced atomically."""
+    keys = list(history[0])
+    csv = "\n".join([",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in history]) + "\n"
+    for name, text in (("history.csv", csv), ("history.json", json.dumps(history, indent=1))):
+        tmp = run_dir / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, run_dir / name)
+    plot_history(history, run_dir / "curves.png", title=run_dir.name)
+
+
+def train(cfg: Config, resume: str | None = None) -> dict:
+    """Train ``cfg`` (optionally resuming); returns the summary also written to summary.json."""
+    trainer = Trainer(cfg)
+    if resume:
+        trainer.resume(resume)
+    return trainer.fit()
