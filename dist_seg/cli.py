@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
 
 from dist_seg.errors import UserError
+
+PLUGINS: tuple[str, ...] = ()
 
 
 def _add_train(sub) -> None:
@@ -111,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="an image or a directory of images")
     p.add_argument("--out", required=True)
 
+    for module in PLUGINS:  # commands that register themselves: add_parser(sub) -> func=run
+        importlib.import_module(module).add_parser(sub)
+
     p = sub.add_parser("demo", help="synthesize, pack, train a small model on CPU, evaluate")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--epochs", type=int, default=None)
@@ -119,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "func", None) is not None:
+        return args.func(args) or 0
     if args.command == "synth":
         from dist_seg.data.synth import make_synthetic
 

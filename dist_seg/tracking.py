@@ -10,7 +10,7 @@ from dist_seg.console import wandb_mode
 
 class Tracker:
     def __init__(self, accelerator, cfg: Config, run_dir: Path):
-        self.accelerator = accelerator
+        self.accelerator, self.cfg = accelerator, cfg
         self.enabled = wandb_mode(cfg.wandb.mode) != "disabled"
         self.step = 0
         if self.enabled and accelerator.is_main_process:
@@ -25,6 +25,37 @@ class Tracker:
         self.step = step if step is not None else self.step + 1
         if self.enabled:
             self.accelerator.log(values, step=self.step)
+
+    def collector(self, panel: list):
+        """An evaluate() on_batch hook keeping the first ``wandb.log_images`` samples as
+        (name, image HxWx3 uint8, prediction HxW bool, truth HxW uint8); None when off."""
+        limit = self.cfg.wandb.log_images
+        if not (self.enabled and self.accelerator.is_main_process and limit > 0):
+            return None
+
+        def keep(batch, logits):
+            for i in range(min(len(batch["name"]), limit - len(panel))):
+                image = batch["image"][i].permute(1, 2, 0).numpy()
+                pred = (logits[i, 0] > 0).cpu().numpy()
+                panel.append((batch["name"][i], image, pred, batch["mask"][i].numpy()))
+
+        return keep
+
+    def log_images(self, panel: list, step: int) -> None:
+        """Validation images with predicted and true masks as interactive W&B overlays."""
+        if not (self.enabled and panel):
+            return
+        import wandb
+
+        labels = {0: "background", 1: "pet"}
+        images = [
+            wandb.Image(image, caption=name, masks={
+                "prediction": {"mask_data": pred.astype("uint8"), "class_labels": labels},
+                "truth": {"mask_data": (truth == 1).astype("uint8"), "class_labels": labels},
+            })
+            for name, image, pred, truth in panel
+        ]  # fmt: skip
+        self.accelerator.log({"val/examples": images}, step=step)
 
     def finish(self) -> None:
         if self.enabled:

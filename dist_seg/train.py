@@ -247,8 +247,9 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         totals = acc.reduce(self.train_sums, reduction="sum")
         sync_buffers(self.model, acc)
+        panel = []  # the first validation images of the main process: the same every epoch
         val = evaluate(self.raw_model, self.val_loader, acc, channels_last=cfg.train.channels_last,
-                       console=self.console)  # fmt: skip
+                       console=self.console, on_batch=self.tracker.collector(panel))  # fmt: skip
         row = {
             "epoch": self.epoch + 1,
             "train_loss": (totals[0] / totals[1]).item(),
@@ -270,6 +271,7 @@ class Trainer:
         self.tracker.log({f"val/{k[4:]}": v for k, v in row.items() if k.startswith("val_")}
                          | {"epoch": row["epoch"], "epoch_seconds": row["epoch_seconds"]},
                          step=self.global_step())  # fmt: skip
+        self.tracker.log_images(panel, step=self.global_step())
         self.console.table(
             f"epoch {row['epoch']}/{cfg.train.epochs}" + (" (best)" if improved else ""), row
         )

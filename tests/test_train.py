@@ -1,0 +1,172 @@
+"""The trainer end to end in one process, its config and command line, resume and preemption."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_seg.checkpoint import load_checkpoint, model_from_checkpoint
+from dist_seg.cli import _legacy_overrides, build_parser
+from dist_seg.config import load_config, parse_set
+from dist_seg.errors import UserError
+from dist_seg.train import EXIT_PREEMPTED, train
+
+TINY = {
+    "data": {"size": 32, "num_workers": 0},
+    "model": {"width": 0.0625},
+    "train": {"batch_size": 4, "precision": "no", "log_every": 1},
+    "optim": {"lr": 3e-3},
+}
+
+
+def tiny_config(packed: Path, out: Path, name: str, **sections):
+    over = {k: dict(v) for k, v in TINY.items()}
+    over["data"]["shards"] = str(packed)
+    over["run"] = {"out_dir": str(out), "name": name}
+    for section, values in sections.items():
+        over.setdefault(section, {}).update(values)
+    return load_config(None, [over])
+
+
+# --- config and command line --------------------------------------------------------------------
+def test_seed_command_line_maps_onto_the_config(tmp_path):
+    args = build_parser().parse_args(
+        ["train", "--model", "resnet34", "--data_path", str(tmp_path / "oxford-iiit-pet"),
+         "--epochs", "40", "--batch_size", "5", "--learning-rate", "0.0001", "--flip", "No"]
+    )  # fmt: skip
+    cfg = load_config(None, [_legacy_overrides(args)])
+    assert cfg.model.name == "resnet34_unet"
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.optim.lr) == (40, 5, 1e-4)
+    assert cfg.data.flip is False
+    assert cfg.data.root == str(tmp_path / "oxford-iiit-pet")  # raw root: packed once
+    assert cfg.data.shards == "shards/oxford-iiit-pet-256"
+
+
+def test_toolkit_spellings_and_set_overrides():
+    args = build_parser().parse_args(
+        ["train", "--config", "configs/unet.yaml", "--lr", "0.01", "--batch-size", "3",
+         "--no-flip", "--set", "model.width=0.5", "--set", "wandb.tags=a,b"]
+    )  # fmt: skip
+    cfg = load_config(args.config, [_legacy_overrides(args), parse_set(args.overrides)])
+    assert (cfg.optim.lr, cfg.train.batch_size, cfg.data.flip) == (0.01, 3, False)
+    assert cfg.model.width == 0.5 and cfg.wandb.tags == ["a", "b"]
+    assert cfg.name == "unet"
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("train.nope=1", "unknown config key 'train.nope'"),
+        ("train.batch_size=two", "train.batch_size must be int"),
+        ("optim.lr=0", "optim.lr: 0.0 must be > 0"),
+        ("train.batch_size=0", "train.batch_size: 0 must be >= 1"),
+        ("data.size=100", "data.size: 100 must be a multiple of 16"),
+        ("model.name=vgg", "model.name: 'vgg' is not one of"),
+        ("data.flip=maybe", "data.flip must be bool"),
+    ],
+)
+def test_bad_config_values_are_one_clear_error(item, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_config(None, [parse_set([item])])
+
+
+def test_cli_error_is_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dist_seg", "train", "--set", "optim.lr=-1"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "dist-seg: error: config optim.lr: -1.0 must be > 0"
+    ]
+
+
+def test_precision_and_sync_bn_refused_on_cpu(packed, tmp_path):
+    with pytest.raises(UserError, match="fp16 needs a GPU"):
+        train(tiny_config(packed, tmp_path, "fp16", train={"precision": "fp16"}))
+    with pytest.raises(UserError, match="SyncBatchNorm does not run on CPU"):
+        train(tiny_config(packed, tmp_path, "sbn", train={"sync_bn": True}))
+
+
+# --- a whole run ---------------------------------------------------------------------------------
+def test_run_leaves_history_curves_and_the_best_checkpoint(packed, tmp_path):
+    summary = train(tiny_config(packed, tmp_path, "run", train={"epochs": 3}))
+    run = tmp_path / "run"
+    history = json.loads((run / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert all(r["val_images"] == 4 for r in history)
+    assert (run / "history.csv").read_text().splitlines()[0].startswith("epoch,train_loss,val_loss")
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    dices = [r["val_dice_per_image"] for r in history]
+    best_epoch = dices.index(max(dices)) + 1
+    assert summary["best_epoch"] == best_epoch
+    best = load_checkpoint(run / "best.pt")
+    assert best["epoch"] == best_epoch and best["metrics"]["val_dice_per_image"] == max(dices)
+    last = load_checkpoint(run / "last.pt")
+    assert last["epoch"] == 3 and last["step"] == 0 and "optimizer" in last
+    # The best checkpoint rebuilds the model it was saved from, with no pickle involved.
+    model, cfg, _ = model_from_checkpoint(run / "best.pt")
+    assert cfg.model.width == 0.0625
+    assert torch.equal(model.state_dict()["head.weight"], best["model"]["head.weight"])
+
+
+def test_resume_after_an_epoch_gives_the_same_weights(packed, tmp_path):
+    straight = train(tiny_config(packed, tmp_path, "straight", train={"epochs": 2}))
+    train(tiny_config(packed, tmp_path, "split", train={"epochs": 1}))
+    resumed = train(tiny_config(packed, tmp_path, "split", train={"epochs": 2}), resume="auto")
+    assert resumed["weights_sha256_all_ranks"] == straight["weights_sha256_all_ranks"]
+    h1 = json.loads((tmp_path / "straight" / "history.json").read_text())
+    h2 = json.loads((tmp_path / "split" / "history.json").read_text())
+    strip = [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in h1]
+    assert strip == [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in h2]
+
+
+def test_resume_refuses_another_architecture(packed, tmp_path):
+    train(tiny_config(packed, tmp_path, "a", train={"epochs": 1}))
+    other = tiny_config(packed, tmp_path, "a", model={"width": 0.125})
+    with pytest.raises(UserError, match="resume with the same model"):
+        train(other, resume="auto")
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_checkpoints_exits_75_and_resumes_exactly(packed, tmp_path):
+    args = ["--set", f"data.shards={packed}", "--set", "data.size=32", "--set", "data.num_workers=0",
+            "--set", "model.width=0.0625", "--set", "train.batch_size=2", "--set", "train.precision=no",
+            "--set", "train.log_every=1", "--set", "train.epochs=2", "--set", f"run.out_dir={tmp_path}"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "dist_seg", "train", *args]
+    ref = subprocess.run([*cmd, "--name", "ref"], env=env, capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    proc = subprocess.Popen([*cmd, "--name", "cut"], env=env, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # plain lines: stdout is a pipe
+        if line.startswith("epoch 1 3/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == EXIT_PREEMPTED, rest
+    state = load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert state["epoch"] == 0 and 3 <= state["step"] < 14  # stopped mid-epoch 1
+    time.sleep(0.1)
+    again = subprocess.run(
+        [*cmd, "--name", "cut", "--resume", "auto"], env=env, capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    s_ref = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    s_cut = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert s_cut["weights_sha256_all_ranks"] == s_ref["weights_sha256_all_ranks"]
+    h_ref = json.loads((tmp_path / "ref" / "history.json").read_text())
+    h_cut = json.loads((tmp_path / "cut" / "history.json").read_text())
+    for a, b in zip(h_ref, h_cut, strict=True):
+        assert (
+            a["train_loss"] == b["train_loss"]
+            and a["val_dice_per_image"] == b["val_dice_per_image"]
+        )
