@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
 
 from dist_seg.errors import UserError
 
-PLUGINS: tuple[str, ...] = ()
+PLUGINS: tuple[str, ...] = ("dist_seg.compare", "dist_seg.bench")
 
 
 def _add_train(sub) -> None:
@@ -115,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
 
     for module in PLUGINS:  # commands that register themselves: add_parser(sub) -> func=run
-        importlib.import_module(module).add_parser(sub)
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module).add_parser(sub)
 
     p = sub.add_parser("demo", help="synthesize, pack, train a small model on CPU, evaluate")
     p.add_argument("--out", default="runs/demo")

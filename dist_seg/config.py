@@ -6,6 +6,7 @@ is one clear UserError naming the key (and the file it came from).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import types
@@ -148,8 +149,10 @@ def _coerce(key: str, value, typ, source: str):
         if not isinstance(value, list):
             raise UserError(f"{source}: {key} must be a list, got {value!r}")
         return [str(v) for v in value]
-    if isinstance(value, str) and typ is not str:
-        value = yaml.safe_load(value) if value else value
+    if isinstance(value, str) and typ in (int, float):
+        # Parsed here, not by YAML: YAML 1.1 reads "1e-4" (no dot) as a string.
+        with contextlib.suppress(ValueError):
+            value = typ(value)
     if typ is bool:
         if isinstance(value, str) and value.lower() in ("yes", "no", "true", "false"):
             value = value.lower() in ("yes", "true")
