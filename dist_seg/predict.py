@@ -21,7 +21,7 @@ def predict_mask(model: torch.nn.Module, image: np.ndarray, size: int, device="c
     """HxW bool mask for an HxWx3 uint8 image: resized to the training size, logits resized back."""
     h, w = image.shape[:2]
     small, _ = resize_pair(image, np.zeros((h, w), np.uint8), size)
-    x = torch.from_numpy(np.ascontiguousarray(small)).permute(2, 0, 1)[None].float().div_(255)
+    x = torch.from_numpy(np.array(small)).permute(2, 0, 1)[None].float().div_(255)
     logits = model(x.to(device))
     logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
     return (logits[0, 0] > 0).cpu().numpy()
@@ -29,6 +29,9 @@ def predict_mask(model: torch.nn.Module, image: np.ndarray, size: int, device="c
 
 def predict(checkpoint: str, input_path: str, out: str) -> int:
     """Writes OUT/<stem>_mask.png (0/255) and OUT/<stem>_overlay.png per image; returns the count."""
+    model, cfg, _ = model_from_checkpoint(checkpoint)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device).eval()
     src = Path(input_path)
     if src.is_dir():
         files = sorted(
@@ -42,9 +45,6 @@ def predict(checkpoint: str, input_path: str, out: str) -> int:
         files = [src]
     else:
         raise UserError(f"--input {src} does not exist")
-    model, cfg, _ = model_from_checkpoint(checkpoint)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = model.to(device).eval()
     out_dir = Path(out)
     done, skipped = 0, []
     for path in files:

@@ -1,24 +1,55 @@
-"""W&B through accelerate's tracker, on the main process only; a no-op when disabled."""
+"""W&B through accelerate's tracker, on the main process only; a no-op when disabled.
+
+Online, offline or disabled comes from ``wandb.mode`` or WANDB_MODE. An online start that
+fails (no API key, server unreachable: bounded by WANDB_INIT_TIMEOUT, default
+``INIT_TIMEOUT_S``) warns and logs offline instead: ``wandb sync runs/NAME/wandb/offline-run-*``
+uploads it later. The run id lives in ``runs/NAME/wandb_id.txt``, so a resumed or requeued
+job continues the same W&B run.
+"""
 
 from __future__ import annotations
 
+import os
+import secrets
+import string
+import sys
 from pathlib import Path
 
 from dist_seg.config import Config
 from dist_seg.console import wandb_mode
 
+INIT_TIMEOUT_S = 30.0  # wandb's own default is 90 s; W&B adds ~10 s to it for the resume check
+
 
 class Tracker:
     def __init__(self, accelerator, cfg: Config, run_dir: Path):
-        self.accelerator, self.cfg = accelerator, cfg
+        self.accelerator, self.cfg, self.run_dir = accelerator, cfg, run_dir
         self.enabled = wandb_mode(cfg.wandb.mode) != "disabled"
         self.step = 0
         if self.enabled and accelerator.is_main_process:
-            accelerator.init_trackers(
-                cfg.wandb.project,
-                config=cfg.to_dict(),
-                init_kwargs={"wandb": wandb_kwargs(cfg, run_dir)},
+            self._start(wandb_mode(cfg.wandb.mode))
+
+    def _start(self, mode: str) -> None:
+        import wandb
+
+        acc, cfg = self.accelerator, self.cfg
+        kwargs = wandb_kwargs(cfg, self.run_dir) | {"mode": mode}
+        try:
+            acc.init_trackers(
+                cfg.wandb.project, config=cfg.to_dict(), init_kwargs={"wandb": kwargs}
             )
+        except Exception as e:  # CommError, UsageError (no API key), ServerResponseError...
+            if mode != "online":
+                raise
+            print(f"warning: W&B online start failed ({str(e).splitlines()[0]}); logging "
+                  f"offline to {self.run_dir / 'wandb'} (upload later with wandb sync)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            acc.trackers.clear()
+            wandb.teardown()  # the service still holds the failed run's id
+            return self._start("offline")
+        run = acc.get_tracker("wandb", unwrap=True)
+        run.define_metric("val/dice_per_image", summary="max")
+        run.define_metric("val/loss", summary="min")
 
     def log(self, values: dict, step: int | None = None) -> None:
         """Log at the given global optimizer step (or one past the last logged)."""
@@ -57,18 +88,39 @@ class Tracker:
         ]  # fmt: skip
         self.accelerator.log({"val/examples": images}, step=step)
 
+    def log_curves(self, path: Path, step: int) -> None:
+        """The learning-curve PNG (written by the main process just before)."""
+        if self.enabled and self.accelerator.is_main_process and Path(path).exists():
+            import wandb
+
+            self.accelerator.log({"curves": wandb.Image(str(path))}, step=step)
+
     def finish(self) -> None:
-        if self.enabled:
-            self.accelerator.end_training()
+        if not self.enabled:
+            return
+        best = self.run_dir / "best.pt"
+        wanted = getattr(self.cfg.wandb, "log_checkpoint", False)  # a field the lead may add
+        if wanted and self.accelerator.is_main_process and best.exists():
+            import wandb
+
+            run = self.accelerator.get_tracker("wandb", unwrap=True)
+            artifact = wandb.Artifact(f"{self.cfg.run_name()}-best", type="model")
+            artifact.add_file(str(best))
+            run.log_artifact(artifact, aliases=["best"])
+        self.accelerator.end_training()
 
 
 def wandb_kwargs(cfg: Config, run_dir: Path) -> dict:
+    import wandb
+
+    timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", INIT_TIMEOUT_S))
     kwargs = {
         "dir": str(run_dir),
         "name": cfg.run_name(),
         "mode": wandb_mode(cfg.wandb.mode),
         "id": stable_run_id(run_dir),
         "resume": "allow",
+        "settings": wandb.Settings(init_timeout=timeout),
     }
     if cfg.wandb.entity:
         kwargs["entity"] = cfg.wandb.entity
@@ -84,8 +136,7 @@ def stable_run_id(run_dir: Path) -> str:
     path = run_dir / "wandb_id.txt"
     if path.exists():
         return path.read_text().strip()
-    import wandb
-
-    run_id = wandb.util.generate_id()
-    path.write_text(run_id)
+    alphabet = string.ascii_lowercase + string.digits  # what W&B's own ids use
+    run_id = "".join(secrets.choice(alphabet) for _ in range(8))
+    path.write_text(run_id + "\n")
     return run_id
