@@ -23,6 +23,7 @@ class Console:
         # With stdout not a terminal a rich bar prints once, at its end (DESIGN.md 6):
         # SLURM logs and CI get plain lines every `log_every` steps instead.
         self.live = self.rich.is_terminal and not force_plain
+        self.rich.soft_wrap = not self.live  # a log line stays one line, not cut at 80 columns
 
     def print(self, *args, **kwargs) -> None:
         if self.enabled:
@@ -40,16 +41,17 @@ class Console:
             yield lambda advance=1, **fields: None
             return
         if not self.live:
-            start, done = time.perf_counter(), 0
+            start, done, last = time.perf_counter(), 0, {}
 
             def update(advance=1, **fields):
                 nonlocal done
                 done += advance
+                last.update(fields)  # a line shows the latest values, even from earlier steps
                 if done % self.log_every == 0 or done == total:
                     elapsed = time.perf_counter() - start
                     eta = elapsed / done * (total - done) if done else 0.0
-                    extra = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
-                    self.line(f"{description} {done}/{total} {extra} eta={eta:.0f}s")
+                    extra = "".join(f" {k}={_fmt(v)}" for k, v in last.items())
+                    self.line(f"{description} {done}/{total}{extra} eta={eta:.0f}s")
 
             yield update
             return

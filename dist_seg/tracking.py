@@ -132,11 +132,12 @@ def wandb_kwargs(cfg: Config, run_dir: Path) -> dict:
 
 
 def stable_run_id(run_dir: Path) -> str:
-    """A resumed or requeued job continues the same W&B run: the id lives in the run dir."""
+    """A resumed or requeued job continues the same W&B run: the id lives in the run dir.
+    A new run takes WANDB_RUN_ID where it is set (a sweep agent sets it for each trial)."""
     path = run_dir / "wandb_id.txt"
     if path.exists():
         return path.read_text().strip()
     alphabet = string.ascii_lowercase + string.digits  # what W&B's own ids use
-    run_id = "".join(secrets.choice(alphabet) for _ in range(8))
+    run_id = os.environ.get("WANDB_RUN_ID") or "".join(secrets.choice(alphabet) for _ in range(8))
     path.write_text(run_id + "\n")
     return run_id

@@ -119,6 +119,12 @@ class Trainer:
                 "train.sync_bn=true needs GPUs: torch's SyncBatchNorm does not run on CPU; "
                 "set train.sync_bn=false"
             )
+        if acc.gradient_accumulation_steps != cfg.optim.grad_accum:
+            raise UserError(
+                f"the accelerate config asks for {acc.gradient_accumulation_steps} gradient "
+                f"accumulation steps, the run config for {cfg.optim.grad_accum}: make them agree "
+                "(optim.grad_accum and the launch config's gradient_accumulation_steps)"
+            )
         self.main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
         self.console = Console(enabled=self.main, log_every=cfg.train.log_every)
         self.run_dir = cfg.run_dir()
@@ -224,24 +230,31 @@ class Trainer:
                 self.train_sums[0] += bce_sum
                 self.train_sums[1] += (masks != metrics.IGNORE_INDEX).sum()
                 self.step += 1
+                # Every step, all ranks learn whether any got a preemption signal, so they all
+                # stop at this same step boundary (one scalar all-reduce; the signal comes
+                # 90 s before the kill, which a check every N steps could miss on slow steps).
+                if self.stop_agreed() and self.step < self.steps_per_epoch:
+                    return False
                 if self.step % cfg.train.log_every and self.step != self.steps_per_epoch:
                     update()
                     continue
-                # One all-reduce gives the global running loss and whether any rank got a
-                # preemption signal, so every rank stops at this same step.
-                flag = torch.tensor(
-                    [self.preemption.requested], dtype=torch.float64, device=acc.device
-                )
-                window = acc.reduce(torch.cat([self.train_sums, flag]), reduction="sum")
+                window = acc.reduce(
+                    self.train_sums.clone(), reduction="sum"
+                )  # global, not rank 0's
                 loss_now = (window[0] / window[1]).item()
                 throughput = (self.step - start) * global_batch / (time.perf_counter() - t0)
                 self.tracker.log({"train/loss": loss_now, "train/lr": self.scheduler.get_last_lr()[0],
                                   "train/images_per_s": throughput}, step=self.global_step())  # fmt: skip
                 update(loss=loss_now, img_s=throughput)
-                self.stop_requested = bool(window[2] > 0)
-                if self.stop_requested and self.step < self.steps_per_epoch:
-                    return False
         return True
+
+    def stop_agreed(self) -> bool:
+        if self.world == 1:
+            self.stop_requested = self.preemption.requested
+        else:
+            flag = torch.tensor([float(self.preemption.requested)], device=self.accelerator.device)
+            self.stop_requested = self.accelerator.reduce(flag, reduction="sum").item() > 0
+        return self.stop_requested
 
     def validate(self, train_seconds: float) -> None:
         cfg, acc = self.cfg, self.accelerator

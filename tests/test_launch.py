@@ -144,33 +144,37 @@ def requeues(fake: Path) -> list[str]:
     return log.read_text().splitlines() if log.exists() else []
 
 
-def wait_for(paths: list[Path], proc: subprocess.Popen, seconds: float = 120) -> None:
+def start_script(script: Path, env: dict, logs: Path) -> subprocess.Popen:
+    """The batch script in the background, its output in files (a pipe could fill up), in
+    its own session so that a failing test can end what it started."""
+    with (logs / "out.log").open("w") as out, (logs / "err.log").open("w") as err:
+        return subprocess.Popen(["bash", str(script)], cwd=REPO, env=env, stdout=out,
+                                stderr=err, start_new_session=True)  # fmt: skip
+
+
+def output(logs: Path) -> str:
+    return (logs / "out.log").read_text()[-3000:] + (logs / "err.log").read_text()[-3000:]
+
+
+def wait_for(paths: list[Path], proc: subprocess.Popen, logs: Path, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
     while not all(p.exists() for p in paths):
         if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(
-                f"the batch script ended early ({proc.returncode}):\n{out[-3000:]}{err[-3000:]}"
-            )
+            pytest.fail(f"the batch script ended early ({proc.returncode}):\n{output(logs)}")
         if time.monotonic() > deadline:
-            pytest.fail(f"none of {paths} appeared in {seconds} s")
+            pytest.fail(f"not all of {paths} appeared in {seconds} s:\n{output(logs)}")
         time.sleep(0.2)
 
 
-def start_script(script: Path, env: dict) -> subprocess.Popen:
-    # Its own session, so that a failing test can end the whole tree it started.
-    return subprocess.Popen(["bash", str(script)], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)  # fmt: skip
-
-
-def finish(proc: subprocess.Popen, timeout: int = 120) -> tuple[str, str]:
+def finish(proc: subprocess.Popen, logs: Path, timeout: int = 120) -> str:
+    """Waits for the batch script; returns its stderr."""
     try:
-        return proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"the batch script did not end in {timeout} s:\n{out[-3000:]}{err[-3000:]}")
+        proc.wait()
+        pytest.fail(f"the batch script did not end in {timeout} s:\n{output(logs)}")
+    return (logs / "err.log").read_text()
 
 
 # --- the accelerate configs ---------------------------------------------------------------
@@ -329,11 +333,11 @@ def test_signal_to_batch_script_stops_workers_and_requeues(fake, sig):
     """The real accelerate launch with 2 stand-in workers: a signal to the batch script
     reaches every worker as SIGTERM, they exit 75, and the job is requeued."""
     env = slurm_env(fake, DIST_SEG=str(fake / "worker.py"), EXTRA_ARGS="--set train.epochs=7")
-    proc = start_script(ONE_NODE, env)
+    proc = start_script(ONE_NODE, env, fake)
     try:
-        wait_for([fake / "rank0.argv", fake / "rank1.argv"], proc)
+        wait_for([fake / "rank0.argv", fake / "rank1.argv"], proc, fake)
         os.kill(proc.pid, getattr(signal, f"SIG{sig}"))
-        out, err = finish(proc)
+        err = finish(proc, fake)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -395,11 +399,11 @@ def test_preempted_job_is_requeued_and_resumes(packed, tmp_path, fake):
     out = tmp_path / "runs"
     run = out / JOB_ID
     env = slurm_env(fake, EXTRA_ARGS=f"{tiny(packed, out, epochs=500)} --set train.log_every=1")
-    proc = start_script(ONE_NODE, env)
+    proc = start_script(ONE_NODE, env, fake)
     try:
-        wait_for([run / "history.json"], proc)  # an epoch is done: the trainer is under way
+        wait_for([run / "history.json"], proc, fake)  # an epoch is done: training is under way
         os.kill(proc.pid, signal.SIGUSR1)
-        _, err = finish(proc)
+        err = finish(proc, fake)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

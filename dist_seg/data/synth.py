@@ -178,7 +178,7 @@ def _background(rng, h, w, yy, xx, avoid: np.ndarray) -> np.ndarray:
     c3 = rng.uniform(0, 255, 3).astype(np.float32)  # may come close to the pet
     ang = rng.uniform(0, 2 * np.pi)
     t = np.clip((xx * np.cos(ang) + yy * np.sin(ang)) / (h + w) + 0.5, 0, 1)  # gradient
-    kind = rng.integers(3)
+    kind = rng.choice(3, p=[0.4, 0.4, 0.2])
     if kind == 0:  # stripes
         ang, period = rng.uniform(0, np.pi), rng.uniform(12, 60)
         m = 0.5 + 0.5 * np.sin(2 * np.pi * (xx * np.cos(ang) + yy * np.sin(ang)) / period)
@@ -188,6 +188,7 @@ def _background(rng, h, w, yy, xx, avoid: np.ndarray) -> np.ndarray:
     else:  # tiles
         p = int(rng.integers(20, 70))
         m = ((np.arange(h)[:, None] // p + np.arange(w)[None, :] // p) % 2).astype(np.float32)
+        m *= 0.5  # hard edges everywhere: keep them fainter than the pet's
     m *= rng.uniform(0.15, 0.45)
     noise = (rng.random((h, w), dtype=np.float32) - 0.5) * rng.uniform(10, 40)
     bg = np.empty((3, h, w), np.float32)
