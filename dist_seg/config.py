@@ -79,6 +79,7 @@ class WandbConfig:
     group: str = ""
     tags: list[str] = field(default_factory=list)
     log_images: int = 8  # validation images shown per epoch
+    log_checkpoint: bool = False  # upload best.pt as a W&B artifact at the end of the run
 
 
 @dataclass

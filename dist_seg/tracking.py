@@ -41,13 +41,14 @@ class Tracker:
         except Exception as e:  # CommError, UsageError (no API key), ServerResponseError...
             if mode != "online":
                 raise
-            print(f"warning: W&B online start failed ({str(e).splitlines()[0]}); logging "
+            why = (str(e).splitlines() or [type(e).__name__])[0]
+            print(f"warning: W&B online start failed ({why}); logging "
                   f"offline to {self.run_dir / 'wandb'} (upload later with wandb sync)",
                   file=sys.stderr, flush=True)  # fmt: skip
             acc.trackers.clear()
             wandb.teardown()  # the service still holds the failed run's id
             return self._start("offline")
-        run = acc.get_tracker("wandb", unwrap=True)
+        run = acc.get_tracker("wandb", unwrap=True)  # the run table shows the best epoch's
         run.define_metric("val/dice_per_image", summary="max")
         run.define_metric("val/loss", summary="min")
 
@@ -99,7 +100,7 @@ class Tracker:
         if not self.enabled:
             return
         best = self.run_dir / "best.pt"
-        wanted = getattr(self.cfg.wandb, "log_checkpoint", False)  # a field the lead may add
+        wanted = self.cfg.wandb.log_checkpoint
         if wanted and self.accelerator.is_main_process and best.exists():
             import wandb
 

@@ -293,6 +293,7 @@ class Trainer:
             self.save("best.pt")
         if self.main:
             write_history(self.history, self.run_dir)
+        self.tracker.log_curves(self.run_dir / "curves.png", step=self.global_step())
 
     def global_step(self) -> int:
         return self.epoch * self.steps_per_epoch + self.step

@@ -64,10 +64,9 @@ def wandb_home(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         for var in ("WANDB_API_KEY", "WANDB_RUN_ID", "WANDB_SWEEP_ID", "WANDB_BASE_URL"):
             mp.delenv(var, raising=False)
-        for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR",
-                    "WANDB_ARTIFACT_DIR", "HOME"):  # fmt: skip
+        for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
             mp.setenv(var, str(home))
-        mp.setenv("NETRC", str(home / "netrc"))
+        mp.setenv("NETRC", str(home / "netrc"))  # no API key from the user's ~/.netrc
         mp.setenv("WANDB_MODE", "offline")
         mp.setenv("WANDB_SILENT", "true")
         yield home
@@ -101,7 +100,7 @@ def test_resumed_run_continues_the_same_wandb_id(resumed):
     assert [r["id"] for r in resumed["wandb"]] == [run_id, run_id]  # one per process start
     assert resumed["wandb"][1]["head"].get("resume") is True
     assert [r["head"]["display_name"] for r in resumed["wandb"]] == ["tracked", "tracked"]
-    assert {r["head"]["group"] for r in resumed["wandb"]} == {"g"}
+    assert {r["head"]["run_group"] for r in resumed["wandb"]} == {"g"}
     assert {tuple(r["head"]["tags"]) for r in resumed["wandb"]} == {("t1", "t2")}
 
 
@@ -202,6 +201,7 @@ def test_online_without_api_key_falls_back_to_offline(wandb_home, tmp_path, monk
     check_fell_back(run_dir, capsys)
 
 
+@pytest.mark.slow
 def test_unreachable_server_falls_back_within_the_timeout(
     wandb_home, tmp_path, monkeypatch, capsys
 ):
@@ -230,6 +230,7 @@ def sweep_command(value: float) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_sweep_command_trains_with_the_swept_lr_under_the_agents_run_id(
     packed, wandb_home, tmp_path
 ):
