@@ -170,3 +170,22 @@ def test_sigterm_mid_epoch_checkpoints_exits_75_and_resumes_exactly(packed, tmp_
             a["train_loss"] == b["train_loss"]
             and a["val_dice_per_image"] == b["val_dice_per_image"]
         )
+
+
+def test_a_raw_root_is_packed_once_then_reused(synth_root, tmp_path):
+    shards = tmp_path / "shards"
+    over = {"data": {"root": str(synth_root), "shards": str(shards)}, "train": {"epochs": 1}}
+    cfg = tiny_config(shards, tmp_path, "raw", **over)
+    train(cfg)
+    manifest = shards / "manifest.json"
+    first = manifest.stat().st_mtime_ns
+    assert json.loads(manifest.read_text())["image_size"] == 32
+    train(cfg)
+    assert manifest.stat().st_mtime_ns == first  # reused, not repacked
+
+
+def test_yaml_floats_without_a_dot_parse(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 1e-4\ntrain:\n  epochs: 3\n")
+    cfg = load_config(path)
+    assert cfg.optim.lr == 1e-4 and cfg.train.epochs == 3 and cfg.name == "c"
