@@ -35,6 +35,7 @@ import json
 import math
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -235,10 +236,20 @@ class SeedStyleDataset(torch.utils.data.Dataset):
         return {"image": np.moveaxis(image, -1, 0), "mask": mask[None], "trimap": trimap[None]}
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of its reaped children (loader workers
+    are joined at the end of each epoch)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)  # fmt: skip
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def time_epochs(epoch_batches, epochs: int) -> dict:
     """Read ``epochs`` whole epochs (``epoch_batches(e)`` -> batches), worker start included:
-    the loaders re-create their workers every epoch, and a trainer waits for that too."""
+    the loaders re-create their workers every epoch, and a trainer waits for that too.
+    Also the CPU time all processes spent: other load on the machine inflates wall time
+    much more than it inflates CPU time."""
     samples = seconds = first = 0.0
+    cpu0 = cpu_seconds()
     for epoch in range(epochs):
         t0 = time.perf_counter()
         for i, batch in enumerate(epoch_batches(epoch)):
@@ -246,9 +257,11 @@ def time_epochs(epoch_batches, epochs: int) -> dict:
             if i == 0:
                 first += time.perf_counter() - t0
         seconds += time.perf_counter() - t0
+    cpu = cpu_seconds() - cpu0
     if not samples:
         raise UserError("an epoch gave no batch: raise --num-images or lower --batch")
-    return {"samples_per_s": samples / seconds, "first_batch_s": first / epochs}
+    return {"samples_per_s": samples / seconds, "first_batch_s": first / epochs,
+            "samples_per_cpu_s": samples / max(cpu, 1e-6)}  # fmt: skip
 
 
 def bench_data(args, work: Path) -> dict:
@@ -297,9 +310,13 @@ def bench_data(args, work: Path) -> dict:
                 kinds = {"seed": seed(w)} | {e: stream(e, w) for e in ENCODINGS}
                 for kind, epoch_batches in kinds.items():
                     got = time_epochs(epoch_batches, args.epochs)
-                    if got["samples_per_s"] > best.get((w, kind), {}).get("samples_per_s", 0):
-                        best[w, kind] = got
-        profile = {e: profile_stages(manifests[e], args.size, args.batch) for e in ENCODINGS}
+                    old = best.setdefault((w, kind), got)
+                    for key in ("samples_per_s", "samples_per_cpu_s"):
+                        old[key] = max(old[key], got[key])
+                    old["first_batch_s"] = min(old["first_batch_s"], got["first_batch_s"])
+        profile = {e: profile_stages(manifests[e], args.size, args.batch,
+                                     min_samples=min(1000, args.epoch_samples))
+                   for e in ENCODINGS}  # fmt: skip
     finally:
         torch.set_num_threads(threads)
 
@@ -312,6 +329,7 @@ def bench_data(args, work: Path) -> dict:
             row[kind] = got | {"per_core": got["samples_per_s"] / cores}
         for e in ENCODINGS:
             row[e]["ratio"] = row[e]["per_core"] / row["seed"]["per_core"]
+            row[e]["ratio_cpu"] = row[e]["samples_per_cpu_s"] / row["seed"]["samples_per_cpu_s"]
         rows.append(row)
     seed_bytes = [
         (root / "images" / f"{n}.jpg").stat().st_size
@@ -351,11 +369,14 @@ def repeat_train(manifest, copies: int):
     return dataclasses.replace(manifest, splits={**manifest.splits, "train": train})
 
 
-def profile_stages(manifest, size: int, batch: int, repeats: int = 3) -> dict:
+def profile_stages(
+    manifest, size: int, batch: int, repeats: int = 3, min_samples: int = 1000
+) -> dict:
     """Microseconds per sample of the streaming pipeline's stages over the train shards, one
     process, cumulative (each line also does the work of the lines above); best of
-    ``repeats``. The loader adds to the last line its sample plan, the samples it reads
-    and drops to reach a segment's start inside a shard, and its workers' start."""
+    ``repeats`` rounds over at least ``min_samples`` samples (the train shards repeated). The
+    loader adds to the last line its sample plan, the samples it reads and drops to reach a
+    segment's start inside a shard, and its workers' start."""
     import random
 
     import webdataset as wds
@@ -364,6 +385,7 @@ def profile_stages(manifest, size: int, batch: int, repeats: int = 3) -> dict:
     from dist_seg.data.stream import ShardStream, collate
 
     shards = manifest.shards("train")
+    shards = shards * math.ceil(min_samples / sum(s.num_samples for s in shards))
     n = sum(s.num_samples for s in shards)
     stage = ShardStream(shards, train=True, batch_size=batch, size=size)
 
@@ -398,15 +420,13 @@ def profile_stages(manifest, size: int, batch: int, repeats: int = 3) -> dict:
         "+ shuffle buffer (wds.shuffle, as the loader)": lambda: _drain(batches(shuffled())),
         "memory copy of a decoded sample (floor)": copy_floor,
     }
-    out = {}
-    for name, fn in steps.items():
-        seconds = []
-        for _ in range(repeats):
+    best = dict.fromkeys(steps, math.inf)
+    for _ in range(repeats):  # round-robin: a burst of other load hits one round of each
+        for name, fn in steps.items():
             t0 = time.perf_counter()
             fn()
-            seconds.append(time.perf_counter() - t0)
-        out[name] = 1e6 * min(seconds) / n
-    return out
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: 1e6 * seconds / n for name, seconds in best.items()}
 
 
 def _drain(iterable) -> None:
@@ -706,14 +726,16 @@ def print_data(result: dict) -> None:
     table = Table(title=f"loader throughput: epochs of {cfg['epoch_samples']} samples (the "
                   f"{cfg['train_samples']} train samples repeated) at {cfg['size']} px, batch "
                   f"{cfg['batch']}", title_justify="left")  # fmt: skip
-    for col in ("workers", "loader", "samples/s", "per core", "1st batch s", "x seed"):
+    for col in ("workers", "loader", "samples/s", "per core", "x seed", "per CPU-s", "x seed",
+                "1st batch s"):  # fmt: skip
         table.add_column(col, justify="right")
     for row in result["results"]:
         for kind in ("seed", *ENCODINGS):
             r = row[kind]
-            ratio = f"{r['ratio']:.2f}" if "ratio" in r else "1"
             table.add_row(str(row["workers"]), kind, f"{r['samples_per_s']:.0f}",
-                          f"{r['per_core']:.0f}", f"{r['first_batch_s']:.2f}", ratio)  # fmt: skip
+                          f"{r['per_core']:.0f}", f"{r.get('ratio', 1):.2f}",
+                          f"{r['samples_per_cpu_s']:.0f}", f"{r.get('ratio_cpu', 1):.2f}",
+                          f"{r['first_batch_s']:.2f}")  # fmt: skip
         table.add_section()
     console.print(table)
     b = result["bytes_per_sample"]
@@ -733,8 +755,10 @@ def print_data(result: dict) -> None:
     console.print(
         "seed = per-file loader (full-size JPEG + PNG, resize); raw, jpeg = streaming loader.\n"
         "samples/s over whole epochs, worker start included; per core = samples/s / max(1, "
-        "workers) (main process not counted); best of the rounds; x seed = per-core ratio. "
-        "Flips are in neither loader (dist_seg flips on the device).\n"
+        "workers) (main process not counted); per CPU-s = samples per CPU second of all the "
+        "loader's processes (main + workers: insensitive to other load); best of the rounds; "
+        "x seed = ratio to the seed-style loader at the same worker count. Flips are in "
+        "neither loader (dist_seg flips on the device).\n"
         f"goal {result['goal_ratio']:g}x per core at every worker count met by: {', '.join(met)}"
     )
 

@@ -30,10 +30,11 @@ def evaluate(
     was_training = model.training
     model.eval()
     stats = metrics.zeros(accelerator.device)
+    dtype = next(model.parameters()).dtype
     console = console or Console(enabled=False)
     with console.progress("eval", len(loader)) as update:
         for batch in loader:
-            images, masks = to_device(batch, accelerator.device, channels_last)
+            images, masks = to_device(batch, accelerator.device, channels_last, dtype)
             with accelerator.autocast():
                 logits = model(images)
             stats += metrics.batch_stats(logits, masks)

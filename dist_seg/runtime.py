@@ -42,6 +42,8 @@ def make_accelerator(
     # No backend here: accelerate picks gloo for CPU processes and NCCL for GPUs, and none
     # at all for a single process (naming one would make it start a process group).
     kwargs = InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))
+    if not cuda and uses_deepspeed():
+        kwargs.backend = "gloo"  # DeepSpeed on CPU asserts or fails allgather otherwise (DESIGN 4)
     accelerator = Accelerator(
         cpu=not cuda,
         mixed_precision=resolve_precision(precision, cuda),
@@ -50,6 +52,13 @@ def make_accelerator(
         kwargs_handlers=[kwargs],
     )
     return accelerator
+
+
+def uses_deepspeed() -> bool:
+    """Whether `accelerate launch` was given a DeepSpeed config (it says so in the env)."""
+    from accelerate.utils import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
 
 
 def apply_speed_switches(cudnn_benchmark: bool) -> None:

@@ -164,7 +164,14 @@ class Trainer:
         self.steps_per_epoch = len(self.train_loader)
         total = cfg.train.epochs * self.steps_per_epoch // cfg.optim.grad_accum
         self.scheduler = make_scheduler(optimizer, cfg, total)
+        self.deepspeed = acc.state.deepspeed_plugin is not None
+        if self.deepspeed:
+            # DeepSpeed wants the micro batch; accelerate takes it from a prepared loader,
+            # which a WebDataset loader must not be (DESIGN.md section 2).
+            ds = acc.state.deepspeed_plugin.deepspeed_config
+            ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.dtype = next(self.model.parameters()).dtype  # bf16 under DeepSpeed bf16
         if cfg.train.compile:
             self.model = torch.compile(self.model)
         # Where training stands; all of it goes into last.pt.
@@ -213,7 +220,7 @@ class Trainer:
         t0, start = time.perf_counter(), self.step
         with self.console.progress(f"epoch {self.epoch + 1}", len(loader)) as update:
             for data in loader:
-                images, masks = to_device(data, acc.device, cfg.train.channels_last)
+                images, masks = to_device(data, acc.device, cfg.train.channels_last, self.dtype)
                 if cfg.data.flip:  # coins from (seed, epoch, step, rank): resumes flip alike
                     key = hash((cfg.train.seed, self.epoch, self.step, self.rank)) % (2**62)
                     images, masks = random_flips(images, masks, torch.Generator().manual_seed(key))
@@ -313,7 +320,9 @@ class Trainer:
             state |= {
                 "step": self.step,  # batches of `epoch` already trained (mid-epoch resume)
                 "train_sums": self.train_sums.cpu(),
-                "optimizer": self.optimizer.state_dict(),
+                # ZeRO shards the optimizer state over ranks, and only rank 0 writes: under
+                # DeepSpeed a resume restores everything but Adam's moments (said at resume).
+                "optimizer": {} if self.deepspeed else self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "history": self.history,
             }
@@ -336,7 +345,12 @@ class Trainer:
         if "optimizer" not in state:
             raise UserError(f"checkpoint {path} holds weights only; resume from a last.pt")
         load_weights(self.raw_model, state["model"], path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state["optimizer"] and not self.deepspeed:
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            self.console.print(
+                "[yellow]warning[/]: no optimizer state to restore (DeepSpeed run); Adam restarts its moments"
+            )
         self.scheduler.load_state_dict(state["scheduler"])
         if "scaler" in state and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])

@@ -70,6 +70,7 @@ def test_bench_data_json_is_complete_and_consistent(work, tmp_path, capsys):
         for kind in ("seed", "raw", "jpeg"):
             got = row[kind]
             assert got["samples_per_s"] > 0 and got["first_batch_s"] > 0
+            assert got["samples_per_cpu_s"] > 0
             assert close(got["per_core"], got["samples_per_s"] / cores)
         for enc in ("raw", "jpeg"):
             assert close(row[enc]["ratio"], row[enc]["per_core"] / row["seed"]["per_core"])

@@ -150,3 +150,29 @@ def test_twenty_two_process_runs_all_exit_zero(packed, tmp_path):
         if proc.returncode:
             print(proc.stderr[-2000:])
     assert codes == [0] * 20
+
+
+@pytest.mark.parametrize("model", ["unet", "resnet34_unet"])
+def test_deepspeed_zero2_on_cpu_trains_identical_ranks_and_plain_checkpoints(
+    packed, tmp_path, model
+):
+    pytest.importorskip("deepspeed")
+    config = Path(__file__).parents[1] / "launch" / "accelerate" / "deepspeed_zero2.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+           "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "dist_seg",
+           "train", *TINY, "--set", f"model.name={model}", "--set", f"data.shards={packed}",
+           "--set", "train.epochs=1", "--set", f"run.out_dir={tmp_path}", "--name", "ds"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "ds" / "summary.json").read_text())
+    hashes = summary["weights_sha256_all_ranks"]
+    assert len(hashes) == 2 and hashes[0] == hashes[1]
+    history = json.loads((tmp_path / "ds" / "history.json").read_text())
+    out = tmp_path / "eval"  # the same checkpoint format: evaluate reads it unchanged
+    proc = run_cli(["evaluate", "--checkpoint", str(tmp_path / "ds" / "last.pt"), "--shards",
+                    str(packed), "--split", "val", "--out", str(out), "--workers", "0"], tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dice_per_image"] == pytest.approx(history[-1]["val_dice_per_image"], abs=1e-6)

@@ -9,13 +9,16 @@ from __future__ import annotations
 import torch
 
 
-def to_device(batch: dict, device, channels_last: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images float [B,3,H,W] in [0,1], masks uint8 [B,H,W]) on ``device``."""
+def to_device(
+    batch: dict, device, channels_last: bool = True, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images [B,3,H,W] in [0,1] as ``dtype``, masks uint8 [B,H,W]) on ``device``. ``dtype``
+    is the model's (bf16 weights under DeepSpeed bf16; autocast handles the rest)."""
     non_blocking = batch["image"].is_pinned()
     images = batch["image"].to(device, non_blocking=non_blocking)
     masks = batch["mask"].to(device, non_blocking=non_blocking)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    images = images.to(dtype=torch.float32, memory_format=memory_format).div_(255.0)
+    images = images.to(dtype=dtype, memory_format=memory_format).div_(255.0)
     return images, masks
 
 
