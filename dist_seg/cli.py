@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", required=True)
     p.add_argument("--num-images", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing set in --root")
 
     p = sub.add_parser("download", help="fetch and verify the two official archives")
     p.add_argument("--root", required=True)
@@ -132,7 +133,9 @@ def run(argv: list[str] | None = None) -> int:
     if args.command == "synth":
         from dist_seg.data.synth import make_synthetic
 
-        summary = make_synthetic(Path(args.root), num_images=args.num_images, seed=args.seed)
+        summary = make_synthetic(
+            Path(args.root), num_images=args.num_images, seed=args.seed, overwrite=args.overwrite
+        )
         print(f"synthetic data set in {args.root}: {summary}")
     elif args.command == "download":
         from dist_seg.data.download import download

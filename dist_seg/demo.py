@@ -27,7 +27,7 @@ def demo(out: Path = Path("runs/demo"), epochs: int | None = None) -> dict:
     data = out / "data"
     if not (data / "annotations" / "test.txt").exists():
         console.print(f"writing a synthetic Oxford-IIIT Pet twin ({NUM_IMAGES} images) to {data}")
-        make_synthetic(data, num_images=NUM_IMAGES, seed=0)
+        make_synthetic(data, num_images=NUM_IMAGES, seed=0, overwrite=True)  # redo a cut-off one
     overrides = {
         **DEMO,
         "data": {**DEMO["data"], "root": str(data), "shards": str(out / "shards")},
