@@ -101,8 +101,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--compile", action="store_true")
     t.add_argument("--warmup", type=int, default=2, help="untimed steps per measurement")
     t.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
-    t.add_argument("--repeats", type=int, default=1, help="interleaved rounds; the best is kept")
+    t.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the best is kept")
     t.add_argument("--workers", type=int, default=2, help="loader workers of the real trainer")
+    t.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own)")
     t.add_argument("--trainer", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the real trainer against the bare step")  # fmt: skip
     t.add_argument("--peak-tflops", type=float, help="GPU peak for MFU if not in the table")
@@ -113,7 +114,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 DATA_FLAGS = ("work", "num_images", "size", "shard_size", "epoch_samples", "batch", "workers",
               "epochs", "repeats", "json")  # fmt: skip
 TRAIN_FLAGS = ("work", "num_images", "size", "shard_size", "model", "width", "stem_pool",
-               "batch", "precision", "channels_last", "compile", "warmup", "steps", "repeats", "workers", "trainer",
+               "batch", "precision", "channels_last", "threads", "compile", "warmup", "steps", "repeats", "workers", "trainer",
                "peak_tflops", "json")  # fmt: skip
 
 
@@ -135,10 +136,18 @@ def run(args) -> int:
     if args.size <= 0 or args.size % 16:
         raise UserError(f"--size {args.size}: must be a positive multiple of 16")
     started = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    with _work_dir(args.work) as work:
-        result = bench_data(args, work) if args.what == "data" else bench_train(args, work)
+    threads = torch.get_num_threads()
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    try:
+        info = machine()  # torch_threads as the train bench runs (the data bench uses 1)
+        with _work_dir(args.work) as work:
+            result = bench_data(args, work) if args.what == "data" else bench_train(args, work)
+        info["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    finally:
+        torch.set_num_threads(threads)
     result = {"bench": args.what, "command": command_line(args), "date": started,
-              "machine": machine(), "versions": versions(), **result}  # fmt: skip
+              "machine": info, "versions": versions(), **result}  # fmt: skip
     if args.what == "data":
         print_data(result)
     else:
@@ -541,9 +550,11 @@ class TimedLoader:
             epoch += 1_000_000  # a short epoch ran out: go on with another order
 
 
-def run_trainer(args, shards: Path, work: Path, precision: str, device) -> dict:
-    """Per-step seconds of the real ``Trainer.train_one_epoch`` after ``--warmup`` steps,
-    best of ``--repeats`` epochs, and its peak memory on a GPU."""
+@contextlib.contextmanager
+def real_trainer(args, shards: Path, work: Path, precision: str, device):
+    """Yields ``(run_round, trainer)``: ``run_round(r)`` runs epoch ``r`` of the real
+    ``Trainer.train_one_epoch`` for ``--warmup`` + ``--steps`` batches and returns the
+    seconds per step after the warmup (worker start and pipeline fill are in the warmup)."""
     from accelerate.state import AcceleratorState
 
     from dist_seg.config import load_config
@@ -561,28 +572,33 @@ def run_trainer(args, shards: Path, work: Path, precision: str, device) -> dict:
         "wandb": {"mode": "disabled"},
     }])  # fmt: skip
     n = args.warmup + args.steps
-    step_s = []
     # accelerate keeps one precision per process: start from a clean state, leave one too.
     AcceleratorState._reset_state()
-    with peak_memory(device) as peak_above, _wandb_disabled():
+    with _wandb_disabled():
         trainer = Trainer(cfg)
-        trainer.console = Console(enabled=False)
+    trainer.console = Console(enabled=False)
+    try:
+        # Epochs as long as the real set's (the trainer's own loader, its train split listed
+        # `copies` times), so a short synthetic split does not restart workers mid-run.
+        stream = trainer.train_loader.stream
+        copies = math.ceil(REAL_TRAIN_SAMPLES / stream.num_total)
+        stream.shards, stream.num_total = stream.shards * copies, stream.num_total * copies
         timed = TimedLoader(trainer.train_loader, n, device, sync_at=(args.warmup - 1, n - 1))
         trainer.train_loader = timed
-        try:
-            for r in range(args.repeats):
-                trainer.epoch, trainer.step = r, 0
-                trainer.train_one_epoch()
-                step_s.append((timed.ends[n - 1] - timed.ends[args.warmup - 1]) / args.steps)
-            peak = peak_above()  # the whole trainer: model, optimizer, steps
-        finally:
-            trainer.tracker.finish()
-            trainer.preemption.restore()
-            accelerator = trainer.accelerator
-            trainer.model = trainer.optimizer = trainer.train_loader = trainer.val_loader = None
-            release(accelerator)
-            AcceleratorState._reset_state()
-    return {"step_s": min(step_s), "peak_mem_gib": peak}
+
+        def run_round(r: int) -> float:
+            trainer.epoch, trainer.step = r, 0
+            trainer.train_one_epoch()
+            return (timed.ends[n - 1] - timed.ends[args.warmup - 1]) / args.steps
+
+        yield run_round, trainer
+    finally:
+        trainer.tracker.finish()
+        trainer.preemption.restore()
+        accelerator = trainer.accelerator
+        trainer.model = trainer.optimizer = trainer.train_loader = trainer.val_loader = None
+        release(accelerator)
+        AcceleratorState._reset_state()
 
 
 @contextlib.contextmanager
@@ -648,24 +664,40 @@ def bench_train(args, work: Path) -> dict:
 
     flops = count_flops(seed_model, seed_x, seed_y)  # the same for every variant
     peak = peak_tflops(device, precision, args.peak_tflops)
-    seconds: dict[str, list[float]] = {"seed": [], "bare": []}
+    seconds: dict[str, list[float]] = {}
     memory: dict[str, float | None] = {}
-    parts = {"seed": (seed_step, seed_model, seed_opt), "bare": (bare_step, bare_model, bare_opt)}
-    for name, (step, model, opt) in parts.items():
-        speed_switches(name == "bare")
-        t0 = time.perf_counter()
-        for _ in range(args.warmup):
-            step()
-        _sync(device)
-        seconds[name + "_warmup"] = [time.perf_counter() - t0]
+    warmup_s: dict[str, float] = {}
+
+    def measure(name: str, timed_step, model, optimizer) -> None:
         with peak_memory(device) as peak_above:
-            seconds[name].append(time_steps(step, args.steps, device))
-        memory[name] = None if peak_above() is None else resident_gib(model, opt) + peak_above()
-    for _ in range(args.repeats - 1):  # further interleaved rounds, already warm
-        speed_switches(False)
-        seconds["seed"].append(time_steps(seed_step, args.steps, device))
-        speed_switches(True)
-        seconds["bare"].append(time_steps(bare_step, args.steps, device))
+            seconds.setdefault(name, []).append(timed_step())
+            above = peak_above()
+        if above is not None:  # what the variant holds between steps + its peak above that
+            mem = resident_gib(model, optimizer) + above
+            memory[name] = max(memory.get(name) or 0.0, mem)
+        else:
+            memory.setdefault(name, None)
+
+    with contextlib.ExitStack() as stack:
+        trainer = None
+        if args.trainer:
+            run_round, trainer = stack.enter_context(
+                real_trainer(args, shards, work, precision, device)
+            )
+        for r in range(args.repeats):  # interleaved rounds; the seed and bare steps warm up once
+            for name, step, model, opt in (("seed", seed_step, seed_model, seed_opt),
+                                           ("bare", bare_step, bare_model, bare_opt)):  # fmt: skip
+                speed_switches(name == "bare")
+                if r == 0:
+                    t0 = time.perf_counter()
+                    for _ in range(args.warmup):
+                        step()
+                    _sync(device)
+                    warmup_s[name] = time.perf_counter() - t0
+                measure(name, lambda step=step: time_steps(step, args.steps, device), model, opt)
+            if trainer is not None:
+                speed_switches(True)
+                measure("trainer", lambda r=r: run_round(r), trainer.raw_model, trainer.optimizer)
 
     def record(step_s: float, mem: float | None) -> dict:
         achieved = flops / step_s / 1e12
@@ -673,9 +705,9 @@ def bench_train(args, work: Path) -> dict:
                 "images_per_s": args.batch / step_s, "tflops": achieved,
                 "mfu": achieved / peak if peak else None, "peak_mem_gib": mem}  # fmt: skip
 
-    variants = {k: record(min(seconds[k]), memory[k]) for k in ("seed", "bare")}
-    variants["seed"]["warmup_s"] = seconds["seed_warmup"][0]
-    variants["bare"]["warmup_s"] = seconds["bare_warmup"][0]
+    variants = {k: record(min(v), memory[k]) | {"rounds_step_s": v} for k, v in seconds.items()}
+    for k, v in warmup_s.items():
+        variants[k]["warmup_s"] = v
     result = {
         "config": {
             "model": args.model,
@@ -699,9 +731,7 @@ def bench_train(args, work: Path) -> dict:
         "speedup_vs_seed": variants["seed"]["step_s"] / variants["bare"]["step_s"],
     }
     if args.trainer:
-        got = run_trainer(args, shards, work, precision, device)
-        variants["trainer"] = record(got["step_s"], got["peak_mem_gib"])
-        overhead = 100 * (got["step_s"] / variants["bare"]["step_s"] - 1)
+        overhead = 100 * (variants["trainer"]["step_s"] / variants["bare"]["step_s"] - 1)
         result |= {"trainer_overhead_pct": overhead,
                    "overhead_goal_pct": GOAL_TRAINER_OVERHEAD_PCT,
                    "overhead_goal_met": overhead <= GOAL_TRAINER_OVERHEAD_PCT}  # fmt: skip
@@ -712,7 +742,7 @@ def bench_train(args, work: Path) -> dict:
 def _header(result: dict) -> str:
     m, v = result["machine"], result["versions"]
     return (f"{result['command']}\n{m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), "
-            f"load {m['load_avg_1m']} | torch {v['torch']} | {result['date']}"
+            f"load {m['load_avg_1m']} -> {m['load_avg_1m_end']} | {m['torch_threads']} threads | torch {v['torch']} | {result['date']}"
             + (f" | {m['gpu']}" if "gpu" in m else ""))  # fmt: skip
 
 
@@ -773,7 +803,8 @@ def print_train(result: dict) -> None:
     table = Table(title=f"{cfg['model']} width {cfg['width']:g} at {cfg['size']} px, batch "
                   f"{cfg['batch']}, {cfg['steps']} timed steps after {cfg['warmup']}, "
                   f"on {cfg['device']}", title_justify="left")  # fmt: skip
-    for col in ("", "ms/step", "ms/image", "images/s", "TFLOP/s", "MFU", "peak GiB", "x seed"):
+    for col in ("", "ms/step", "ms/image", "images/s", "TFLOP/s", "MFU", "peak GiB", "x seed",
+                "worst round"):  # fmt: skip
         table.add_column(col, justify="right")
     seed_s = result["variants"]["seed"]["step_s"]
     for key, v in result["variants"].items():
@@ -781,7 +812,8 @@ def print_train(result: dict) -> None:
                       f"{v['images_per_s']:.1f}", f"{v['tflops']:.3f}",
                       f"{100 * v['mfu']:.1f}%" if v["mfu"] is not None else "-",
                       f"{v['peak_mem_gib']:.2f}" if v["peak_mem_gib"] is not None else "-",
-                      f"{seed_s / v['step_s']:.2f}")  # fmt: skip
+                      f"{seed_s / v['step_s']:.2f}",
+                      f"{max(v['rounds_step_s']) / v['step_s']:.2f}x")  # fmt: skip
     console.print(table)
     layout = "channels-last" if cfg["channels_last"] else "contiguous"
     console.print(

@@ -27,6 +27,11 @@ def save_checkpoint(state: dict, path: Path) -> None:
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(
+            f"cannot write checkpoint {path} ({e.strerror or e}); the previous one is intact. "
+            "Free disk space or set run.out_dir"
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -62,13 +62,15 @@ class TrainConfig:
     compile: bool = False
     cudnn_benchmark: bool = True
     log_every: int = 20  # steps between plain log lines when stdout is not a terminal
+    nonfinite: str = "stop"  # a NaN/inf loss: stop (naming the step) | skip (and count) the batch
 
 
 @dataclass
 class RunConfig:
     name: str = ""  # runs/NAME; default: $SLURM_JOB_ID under SLURM, else the config's name
     out_dir: str = "runs"
-    keep_last: int = 2
+    keep_last: int = 2  # numbered copies of last.pt kept in checkpoints/ (0 = none)
+    checkpoint_every: int = 0  # also save last.pt every N steps (0 = at epoch ends only)
 
 
 @dataclass
@@ -109,6 +111,7 @@ CHOICES = {
     "optim.loss": ("bce", "bce_dice"),
     "optim.schedule": ("constant", "cosine", "poly"),
     "train.precision": ("auto", "no", "bf16", "fp16"),
+    "train.nonfinite": ("stop", "skip"),
     "wandb.mode": ("online", "offline", "disabled"),
 }
 
@@ -133,6 +136,8 @@ def _check(cfg: Config) -> None:
         bad("data.size", f"{cfg.data.size} must be a multiple of 16 (the models downsample 16x)")
     if cfg.model.width <= 0:
         bad("model.width", f"{cfg.model.width} must be > 0")
+    if cfg.run.keep_last < 0 or cfg.run.checkpoint_every < 0:
+        bad("run", "keep_last and checkpoint_every must be >= 0")
     if cfg.optim.grad_accum < 1:
         bad("optim.grad_accum", "must be >= 1")
     if cfg.data.num_workers < 0 or cfg.data.shuffle_buffer < 1:

@@ -12,9 +12,9 @@ from dist_seg.data.synth import make_synthetic
 DEMO = {
     "name": "demo",
     "data": {"size": 64, "num_workers": 1, "shuffle_buffer": 64},
-    "model": {"name": "unet", "width": 0.125},
+    "model": {"name": "unet", "width": 0.25},
     "optim": {"lr": 3e-3, "schedule": "cosine", "warmup_steps": 10},
-    "train": {"epochs": 12, "batch_size": 16, "eval_batch_size": 32, "log_every": 10},
+    "train": {"epochs": 25, "batch_size": 16, "eval_batch_size": 32, "log_every": 10},
 }
 NUM_IMAGES = 600
 

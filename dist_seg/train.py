@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -178,7 +179,7 @@ class Trainer:
         self.epoch, self.step, self.history = 0, 0, []
         self.best = {"dice_per_image": -1.0, "epoch": 0}
         self.train_sums = torch.zeros(2, dtype=torch.float64, device=acc.device)
-        self.preemption, self.stop_requested = Preemption(), False
+        self.preemption, self.stop_requested, self.skipped_batches = Preemption(), False, 0
         self.tracker = Tracker(acc, cfg, self.run_dir)
 
     @property
@@ -227,21 +228,37 @@ class Trainer:
                 with acc.accumulate(self.model):
                     logits = self.model(images)
                     loss, bce_sum = loss_fn(logits, masks, cfg.optim.loss)
-                    acc.backward(loss)
-                    if acc.sync_gradients and cfg.optim.grad_clip > 0:
-                        acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-                    self.optimizer.step()
+                    # One scalar all-reduce per step, before backward, so every rank takes the
+                    # same decisions: skip a non-finite batch (no rank may skip backward
+                    # alone: DDP would hang) and stop for preemption at this step boundary
+                    # (the signal comes 90 s before the kill: a check every N steps could
+                    # miss it on slow steps).
+                    nonfinite, stop = self.agree(not torch.isfinite(loss).item())
+                    if nonfinite and cfg.train.nonfinite == "stop":
+                        raise UserError(
+                            f"non-finite loss at epoch {self.epoch + 1} step {self.step + 1} "
+                            f"(global step {self.global_step() + 1}); the last good checkpoint is "
+                            f"{self.run_dir / 'last.pt'}. Lower optim.lr, set optim.grad_clip, "
+                            "or set train.nonfinite=skip"
+                        )
+                    if nonfinite:
+                        self.skipped_batches += 1
+                    else:
+                        acc.backward(loss)
+                        if acc.sync_gradients and cfg.optim.grad_clip > 0:
+                            acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+                        self.optimizer.step()
+                        if acc.sync_gradients:
+                            self.scheduler.step()
+                        self.train_sums[0] += bce_sum
+                        self.train_sums[1] += (masks != metrics.IGNORE_INDEX).sum()
                     self.optimizer.zero_grad(set_to_none=True)
-                    if acc.sync_gradients:
-                        self.scheduler.step()
-                self.train_sums[0] += bce_sum
-                self.train_sums[1] += (masks != metrics.IGNORE_INDEX).sum()
                 self.step += 1
-                # Every step, all ranks learn whether any got a preemption signal, so they all
-                # stop at this same step boundary (one scalar all-reduce; the signal comes
-                # 90 s before the kill, which a check every N steps could miss on slow steps).
-                if self.stop_agreed() and self.step < self.steps_per_epoch:
+                if stop and self.step < self.steps_per_epoch:
                     return False
+                every = cfg.run.checkpoint_every
+                if every and self.global_step() % every == 0 and self.step < self.steps_per_epoch:
+                    self.save("last.pt")
                 if self.step % cfg.train.log_every and self.step != self.steps_per_epoch:
                     update()
                     continue
@@ -255,13 +272,14 @@ class Trainer:
                 update(loss=loss_now, img_s=throughput)
         return True
 
-    def stop_agreed(self) -> bool:
-        if self.world == 1:
-            self.stop_requested = self.preemption.requested
-        else:
-            flag = torch.tensor([float(self.preemption.requested)], device=self.accelerator.device)
-            self.stop_requested = self.accelerator.reduce(flag, reduction="sum").item() > 0
-        return self.stop_requested
+    def agree(self, nonfinite: bool) -> tuple[bool, bool]:
+        """(any rank's loss non-finite, any rank asked to stop), the same on every rank."""
+        flags = [float(nonfinite), float(self.preemption.requested)]
+        if self.world > 1:
+            both = torch.tensor(flags, device=self.accelerator.device)
+            flags = self.accelerator.reduce(both, reduction="sum").tolist()
+        self.stop_requested = flags[1] > 0
+        return flags[0] > 0, self.stop_requested
 
     def validate(self, train_seconds: float) -> None:
         cfg, acc = self.cfg, self.accelerator
@@ -279,6 +297,7 @@ class Trainer:
             "val_iou_per_image": val["iou_per_image"],
             "val_iou_dataset": val["iou_dataset"],
             "val_images": val["num_images"],
+            "skipped_batches": self.skipped_batches,
             "lr": self.scheduler.get_last_lr()[0],
             "epoch_seconds": round(train_seconds, 2),
         }
@@ -325,10 +344,13 @@ class Trainer:
                 "optimizer": {} if self.deepspeed else self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "history": self.history,
+                "skipped_batches": self.skipped_batches,
             }
             if self.accelerator.scaler is not None:
                 state["scaler"] = self.accelerator.scaler.state_dict()
         save_checkpoint(state, self.run_dir / name)
+        if name == "last.pt" and self.cfg.run.keep_last:
+            keep_numbered(self.run_dir, self.global_step(), self.cfg.run.keep_last)
 
     def resume(self, resume: str) -> None:
         path = self.run_dir / "last.pt" if resume == "auto" else Path(resume)
@@ -356,6 +378,7 @@ class Trainer:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = state["epoch"], state["step"]
         self.history, self.best = state["history"], state["best"]
+        self.skipped_batches = state.get("skipped_batches", 0)
         self.train_sums = state["train_sums"].to(self.accelerator.device)
         self.console.print(f"resumed from {path} at epoch {self.epoch + 1} step {self.step}")
 
@@ -389,6 +412,20 @@ class Trainer:
         self.model = self.optimizer = self.train_loader = self.val_loader = None
         release(self.accelerator)
         return summary
+
+
+def keep_numbered(run_dir: Path, step: int, keep: int) -> None:
+    """checkpoints/step-N.pt as a hard link to last.pt (no extra disk), the newest ``keep``."""
+    folder = run_dir / "checkpoints"
+    folder.mkdir(exist_ok=True)
+    target = folder / f"step-{step:09d}.pt"
+    target.unlink(missing_ok=True)
+    try:
+        os.link(run_dir / "last.pt", target)
+    except OSError:  # file systems without hard links
+        shutil.copyfile(run_dir / "last.pt", target)
+    for old in sorted(folder.glob("step-*.pt"))[:-keep]:
+        old.unlink()
 
 
 def write_history(history: list[dict], run_dir: Path) -> None:

@@ -99,7 +99,6 @@ def test_bench_data_reuses_its_work_directory(work, tmp_path):
 
 
 def test_bench_train_json_is_complete_and_consistent(work, tmp_path, capsys, one_thread):
-    # --steps 4 with 4 batches per epoch: the trainer's timed loader runs into a second epoch.
     out = tmp_path / "train.json"
     r = run_bench(["train", "--work", str(work), *TINY_TRAIN, "--steps", "4"], out)
     assert "real trainer vs bare step" in capsys.readouterr().out
@@ -167,3 +166,24 @@ def test_seed_style_dataset_is_the_course_template(synth_root):
     assert sample["trimap"].shape == (1, 48, 48)
     # the template's mask is the trimap under the seed's policy (border = foreground)
     np.testing.assert_array_equal(sample["mask"], (sample["trimap"] != 2).astype(np.float32))
+
+
+def test_timed_loader_cuts_and_chains_epochs():
+    class FakeLoader:
+        def __init__(self):
+            self.epochs = []
+
+        def set_epoch(self, epoch, skip_batches=0):
+            self.epochs.append(epoch)
+
+        def __iter__(self):
+            e = self.epochs[-1]
+            return (f"{e}/{i}" for i in range(3))
+
+    inner = FakeLoader()
+    timed = bench.TimedLoader(inner, 5, torch.device("cpu"), sync_at=())
+    timed.set_epoch(7)
+    assert len(timed) == 5
+    assert list(timed) == ["7/0", "7/1", "7/2", "1000007/0", "1000007/1"]
+    assert sorted(timed.ends) == [-1, 0, 1, 2, 3, 4]
+    assert all(timed.ends[k] <= timed.ends[k + 1] for k in range(-1, 4))
