@@ -62,6 +62,10 @@ class TrainConfig:
     compile: bool = False
     cudnn_benchmark: bool = True
     log_every: int = 20  # steps between plain log lines when stdout is not a terminal
+    early_stop_patience: int = 0  # stop after N epochs without a better val Dice (0 = off)
+    ema_decay: float = 0.0  # EMA of the weights, evaluated and saved beside them (0 = off)
+    ema_warmup: bool = True  # decay ramps up as min(decay, (1 + n) / (10 + n)) over updates
+    select: str = "raw"  # which weights pick best.pt: raw | ema
     nonfinite: str = "stop"  # a NaN/inf loss: stop (naming the step) | skip (and count) the batch
 
 
@@ -112,6 +116,7 @@ CHOICES = {
     "optim.schedule": ("constant", "cosine", "poly"),
     "train.precision": ("auto", "no", "bf16", "fp16"),
     "train.nonfinite": ("stop", "skip"),
+    "train.select": ("raw", "ema"),
     "wandb.mode": ("online", "offline", "disabled"),
 }
 
@@ -136,6 +141,12 @@ def _check(cfg: Config) -> None:
         bad("data.size", f"{cfg.data.size} must be a multiple of 16 (the models downsample 16x)")
     if cfg.model.width <= 0:
         bad("model.width", f"{cfg.model.width} must be > 0")
+    if not 0 <= cfg.train.ema_decay < 1:
+        bad("train.ema_decay", f"{cfg.train.ema_decay} must be in [0, 1)")
+    if cfg.train.select == "ema" and cfg.train.ema_decay == 0:
+        bad("train.select", "ema needs train.ema_decay > 0")
+    if cfg.train.early_stop_patience < 0:
+        bad("train.early_stop_patience", "must be >= 0")
     if cfg.run.keep_last < 0 or cfg.run.checkpoint_every < 0:
         bad("run", "keep_last and checkpoint_every must be >= 0")
     if cfg.optim.grad_accum < 1:

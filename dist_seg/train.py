@@ -173,6 +173,7 @@ class Trainer:
             ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.dtype = next(self.model.parameters()).dtype  # bf16 under DeepSpeed bf16
+        self.ema = make_ema(self.raw_model, cfg) if cfg.train.ema_decay else None
         if cfg.train.compile:
             self.model = torch.compile(self.model)
         # Where training stands; all of it goes into last.pt.
@@ -209,6 +210,10 @@ class Trainer:
             self.validate(time.perf_counter() - t0)
             if self.stop_requested and self.epoch < cfg.train.epochs:  # last.pt is fresh
                 return self.finish({"preempted": True}, t_start)
+            patience = cfg.train.early_stop_patience  # decided from all-reduced Dice
+            if patience and self.epoch - self.best["epoch"] >= patience:
+                self.console.print(f"early stop: no better val Dice for {patience} epochs")
+                return self.finish({"preempted": False, "early_stopped": self.epoch}, t_start)
         return self.finish({"preempted": False}, t_start)
 
     def train_one_epoch(self) -> bool:
@@ -250,6 +255,8 @@ class Trainer:
                         self.optimizer.step()
                         if acc.sync_gradients:
                             self.scheduler.step()
+                            if self.ema is not None:  # every rank: the weights are the same
+                                self.ema.update_parameters(self.raw_model)
                         self.train_sums[0] += bce_sum
                         self.train_sums[1] += (masks != metrics.IGNORE_INDEX).sum()
                     self.optimizer.zero_grad(set_to_none=True)
@@ -288,6 +295,11 @@ class Trainer:
         panel = []  # the first validation images of the main process: the same every epoch
         val = evaluate(self.raw_model, self.val_loader, acc, channels_last=cfg.train.channels_last,
                        console=self.console, on_batch=self.tracker.collector(panel))  # fmt: skip
+        if self.ema is not None:
+            sync_buffers(self.ema, acc)
+            ema = evaluate(self.ema.module, self.val_loader, acc,
+                           channels_last=cfg.train.channels_last)  # fmt: skip
+            val |= {f"ema_{k}": v for k, v in ema.items() if k != "num_images"}
         row = {
             "epoch": self.epoch + 1,
             "train_loss": (totals[0] / totals[1]).item(),
@@ -297,14 +309,16 @@ class Trainer:
             "val_iou_per_image": val["iou_per_image"],
             "val_iou_dataset": val["iou_dataset"],
             "val_images": val["num_images"],
+            **{f"val_{k}": v for k, v in val.items() if k.startswith("ema_")},
             "skipped_batches": self.skipped_batches,
             "lr": self.scheduler.get_last_lr()[0],
             "epoch_seconds": round(train_seconds, 2),
         }
         self.history.append(row)
-        improved = row["val_dice_per_image"] > self.best["dice_per_image"]  # same on all ranks
+        key = "val_ema_dice_per_image" if cfg.train.select == "ema" else "val_dice_per_image"
+        improved = row[key] > self.best["dice_per_image"]  # all-reduced: same on all ranks
         if improved:
-            self.best = {"dice_per_image": row["val_dice_per_image"], "epoch": self.epoch + 1}
+            self.best = {"dice_per_image": row[key], "epoch": self.epoch + 1}
         self.epoch, self.step = self.epoch + 1, 0
         self.train_sums.zero_()
         self.tracker.log({f"val/{k[4:]}": v for k, v in row.items() if k.startswith("val_")}
@@ -329,13 +343,19 @@ class Trainer:
         """Collective (buffers are broadcast first); only the main process writes."""
         sync_buffers(self.model, self.accelerator)
         weights = self.accelerator.get_state_dict(self.model)
+        if self.ema is not None:
+            sync_buffers(self.ema, self.accelerator)
         if not self.main:
             return
         state = {"model": weights, "config": self.cfg.to_dict(), "epoch": self.epoch,
                  "best": self.best}  # fmt: skip
         if name == "best.pt":
             state["metrics"] = self.history[-1]
+            if self.cfg.train.select == "ema":  # best.pt holds the weights that were chosen
+                state["model"] = self.ema.module.state_dict()
         else:
+            if self.ema is not None:
+                state["ema"] = self.ema.state_dict()
             state |= {
                 "step": self.step,  # batches of `epoch` already trained (mid-epoch resume)
                 "train_sums": self.train_sums.cpu(),
@@ -379,6 +399,12 @@ class Trainer:
         self.epoch, self.step = state["epoch"], state["step"]
         self.history, self.best = state["history"], state["best"]
         self.skipped_batches = state.get("skipped_batches", 0)
+        if self.ema is not None:
+            if "ema" not in state:
+                raise UserError(
+                    f"checkpoint {path} has no EMA weights; resume with train.ema_decay=0"
+                )
+            self.ema.load_state_dict(state["ema"])
         self.train_sums = state["train_sums"].to(self.accelerator.device)
         self.console.print(f"resumed from {path} at epoch {self.epoch + 1} step {self.step}")
 
@@ -412,6 +438,22 @@ class Trainer:
         self.model = self.optimizer = self.train_loader = self.val_loader = None
         release(self.accelerator)
         return summary
+
+
+def make_ema(model: torch.nn.Module, cfg: Config) -> torch.optim.swa_utils.AveragedModel:
+    """EMA of parameters and buffers; with warmup the decay is min(decay, (1+n)/(10+n))."""
+    decay, warmup = cfg.train.ema_decay, cfg.train.ema_warmup
+
+    @torch.no_grad()
+    def update(ema_params, params, n):
+        if not ema_params[0].is_floating_point():  # BatchNorm's num_batches_tracked
+            torch._foreach_copy_(ema_params, params)
+            return
+        n = float(n)
+        d = min(decay, (1 + n) / (10 + n)) if warmup else decay
+        torch._foreach_lerp_(ema_params, params, 1 - d)
+
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 def keep_numbered(run_dir: Path, step: int, keep: int) -> None:

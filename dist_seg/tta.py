@@ -16,9 +16,7 @@ FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
 """The dims each view flips: identity, horizontal (W), vertical (H), both."""
 
 
-def flip_tta(
-    model: Callable[[Tensor], Tensor], images: Tensor, enabled: bool = True
-) -> Tensor:
+def flip_tta(model: Callable[[Tensor], Tensor], images: Tensor, enabled: bool = True) -> Tensor:
     """Logits [B, 1, H, W] for images [B, C, H, W]: ``model(images)`` when not ``enabled``,
     else the float32 mean over ``FLIPS`` of ``flip(model(flip(images)))``.
 
@@ -34,4 +32,3 @@ def flip_tta(
         logits = logits.flip(dims) if dims else logits  # back to the original orientation
         total = logits if total is None else total + logits
     return total / len(FLIPS)
-

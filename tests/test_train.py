@@ -189,3 +189,36 @@ def test_yaml_floats_without_a_dot_parse(tmp_path):
     path.write_text("optim:\n  lr: 1e-4\ntrain:\n  epochs: 3\n")
     cfg = load_config(path)
     assert cfg.optim.lr == 1e-4 and cfg.train.epochs == 3 and cfg.name == "c"
+
+
+def test_ema_is_evaluated_saved_and_resumed(packed, tmp_path):
+    over = {"train": {"epochs": 2, "ema_decay": 0.9, "select": "ema"}}
+    straight = train(tiny_config(packed, tmp_path, "ema", **over))
+    history = json.loads((tmp_path / "ema" / "history.json").read_text())
+    assert all("val_ema_dice_per_image" in r for r in history)
+    assert history[0]["val_ema_loss"] != history[0]["val_loss"]  # a different set of weights
+    best = load_checkpoint(tmp_path / "ema" / "best.pt")
+    last = load_checkpoint(tmp_path / "ema" / "last.pt")
+    picked = max(history, key=lambda r: r["val_ema_dice_per_image"])
+    assert best["epoch"] == picked["epoch"] == straight["best_epoch"]
+    if best["epoch"] == 2:  # best.pt holds the EMA weights, not the raw ones
+        ema_head = last["ema"]["module.head.weight"]
+        assert torch.equal(best["model"]["head.weight"], ema_head)
+        assert not torch.equal(best["model"]["head.weight"], last["model"]["head.weight"])
+    one = {"train": {"epochs": 1, "ema_decay": 0.9, "select": "ema"}}
+    train(tiny_config(packed, tmp_path, "ema2", **one))
+    resumed = train(tiny_config(packed, tmp_path, "ema2", **over), resume="auto")
+    assert resumed["weights_sha256_all_ranks"] == straight["weights_sha256_all_ranks"]
+    h2 = json.loads((tmp_path / "ema2" / "history.json").read_text())
+    assert [r["val_ema_dice_per_image"] for r in h2] == [
+        r["val_ema_dice_per_image"] for r in history
+    ]
+
+
+def test_early_stopping_stops_after_patience(packed, tmp_path):
+    summary = train(tiny_config(packed, tmp_path, "es", train={"epochs": 30, "early_stop_patience": 1},
+                                optim={"lr": 1e-9}))  # fmt: skip
+    history = json.loads((tmp_path / "es" / "history.json").read_text())
+    assert summary["early_stopped"] == len(history) < 30
+    dices = [r["val_dice_per_image"] for r in history]
+    assert max(dices[:-1]) >= dices[-1]  # the last epoch did not improve

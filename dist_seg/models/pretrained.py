@@ -73,9 +73,7 @@ def load_torchvision_resnet34(encoder: ResNet34Encoder, path: str | Path) -> Non
         if items
     ]
     if problems:
-        raise UserError(
-            f"{path} is not a torchvision resnet34 state dict: {'; '.join(problems)}"
-        )
+        raise UserError(f"{path} is not a torchvision resnet34 state dict: {'; '.join(problems)}")
     weights = {k: source.get(k, torch.zeros_like(t)) for k, t in target.items()}
     encoder.load_state_dict(weights, strict=True)
 
