@@ -12,14 +12,14 @@ import time
 
 import pytest
 import torch
+from test_distributed import TINY, free_port
+from test_train import tiny_config
 
 import dist_seg.checkpoint
 import dist_seg.train
 from dist_seg.checkpoint import load_checkpoint
 from dist_seg.errors import UserError
 from dist_seg.train import train
-from tests.test_distributed import TINY, free_port
-from tests.test_train import tiny_config
 
 
 def nan_on_call(monkeypatch, n: int):

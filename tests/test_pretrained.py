@@ -106,10 +106,14 @@ def _bad(tmp_path, name, mutate):
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda s: {k: v for k, v in s.items() if k != "layer3.2.bn2.running_var"},
-         "missing layer3.2.bn2.running_var"),
-        (lambda s: {**s, "layer2.0.downsample.0.weight": torch.zeros(128, 64, 3, 3)},
-         "wrong shape layer2.0.downsample.0.weight (128, 64, 3, 3) (expected (128, 64, 1, 1))"),
+        (
+            lambda s: {k: v for k, v in s.items() if k != "layer3.2.bn2.running_var"},
+            "missing layer3.2.bn2.running_var",
+        ),
+        (
+            lambda s: {**s, "layer2.0.downsample.0.weight": torch.zeros(128, 64, 3, 3)},
+            "wrong shape layer2.0.downsample.0.weight (128, 64, 3, 3) (expected (128, 64, 1, 1))",
+        ),
         (lambda s: {**s, "layer5.0.conv1.weight": torch.zeros(1)}, "unexpected layer5.0.conv1"),
         (lambda s: {f"module.{k}": v for k, v in s.items()}, "missing conv1.weight"),
         (lambda s: {"state_dict": s, "epoch": 3}, "is not a state dict"),

@@ -316,3 +316,30 @@ def test_unknown_border_policy_and_split(manifest):
         build_loader(manifest, "val", batch_size=1, train=False, border="edge")
     with pytest.raises(DataError, match="no split"):
         build_loader(manifest, "trainval", batch_size=1, train=False)
+
+
+# --- shards behind a URL ------------------------------------------------------------------------
+@pytest.fixture
+def http_shards(packed):
+    """``packed`` served over loopback HTTP, as shards on an object store would be."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(packed))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_shards_stream_from_http_urls(http_shards, workers):
+    manifest = load_manifest(http_shards)
+    assert all(s.url.startswith("http://") for s in manifest.shards("test"))
+    assert check_shards(manifest, ["test"]) is None  # remote: count-checked while read
+    loader = build_loader(manifest, "test", batch_size=5, train=False, num_workers=workers)
+    names = [n for batch in loader for n in batch["name"]]
+    assert len(names) == len(set(names)) == manifest.num_samples("test") == loader.yielded
