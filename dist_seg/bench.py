@@ -479,14 +479,14 @@ def resident_gib(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> fl
     return sum(t.nbytes for t in tensors) / 2**30
 
 
-def time_steps(step, count: int, device: torch.device) -> float:
-    """Seconds per call of ``step`` over ``count`` calls."""
+def time_steps(step, count: int, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) per call of ``step`` over ``count`` calls."""
     _sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(count):
         step()
     _sync(device)
-    return (time.perf_counter() - t0) / count
+    return (time.perf_counter() - t0) / count, (time.process_time() - c0) / count
 
 
 def count_flops(model: torch.nn.Module, images: torch.Tensor, target: torch.Tensor) -> int:
@@ -513,9 +513,9 @@ def peak_tflops(device: torch.device, precision: str, override: float | None) ->
 
 class TimedLoader:
     """The trainer's loader cut to ``count`` batches (chaining epochs if one is too short).
-    ``ends[k]`` is when the trainer asked for the batch after batch k, so ``ends[k] -
-    ends[k - 1]`` is one whole trainer step including any wait for data; ``ends[-1]`` of a
-    run is its start."""
+    ``ends[k]`` is (wall, CPU time of this process) when the trainer asked for the batch
+    after batch k, so ``ends[k] - ends[k - 1]`` is one whole trainer step including any wait
+    for data; ``ends[-1]`` of a run is its start."""
 
     def __init__(self, loader, count: int, device: torch.device, sync_at: tuple[int, ...]):
         self.loader, self.count, self.device, self.sync_at = loader, count, device, sync_at
@@ -530,7 +530,7 @@ class TimedLoader:
     def _stamp(self, k: int) -> None:
         if k in self.sync_at:
             _sync(self.device)
-        self.ends[k] = time.perf_counter()
+        self.ends[k] = (time.perf_counter(), time.process_time())
 
     def __iter__(self):
         self.ends, given, epoch = {}, 0, self.epoch
@@ -589,7 +589,8 @@ def real_trainer(args, shards: Path, work: Path, precision: str, device):
         def run_round(r: int) -> float:
             trainer.epoch, trainer.step = r, 0
             trainer.train_one_epoch()
-            return (timed.ends[n - 1] - timed.ends[args.warmup - 1]) / args.steps
+            (t1, c1), (t0, c0) = timed.ends[n - 1], timed.ends[args.warmup - 1]
+            return (t1 - t0) / args.steps, (c1 - c0) / args.steps
 
         yield run_round, trainer
     finally:
@@ -665,13 +666,16 @@ def bench_train(args, work: Path) -> dict:
     flops = count_flops(seed_model, seed_x, seed_y)  # the same for every variant
     peak = peak_tflops(device, precision, args.peak_tflops)
     seconds: dict[str, list[float]] = {}
+    cpu_seconds: dict[str, list[float]] = {}
     memory: dict[str, float | None] = {}
     warmup_s: dict[str, float] = {}
 
     def measure(name: str, timed_step, model, optimizer) -> None:
         with peak_memory(device) as peak_above:
-            seconds.setdefault(name, []).append(timed_step())
+            wall, cpu = timed_step()
             above = peak_above()
+        seconds.setdefault(name, []).append(wall)
+        cpu_seconds.setdefault(name, []).append(cpu)
         if above is not None:  # what the variant holds between steps + its peak above that
             mem = resident_gib(model, optimizer) + above
             memory[name] = max(memory.get(name) or 0.0, mem)
@@ -705,7 +709,10 @@ def bench_train(args, work: Path) -> dict:
                 "images_per_s": args.batch / step_s, "tflops": achieved,
                 "mfu": achieved / peak if peak else None, "peak_mem_gib": mem}  # fmt: skip
 
-    variants = {k: record(min(v), memory[k]) | {"rounds_step_s": v} for k, v in seconds.items()}
+    variants = {
+        k: record(min(v), memory[k]) | {"rounds_step_s": v, "cpu_step_s": min(cpu_seconds[k])}
+        for k, v in seconds.items()
+    }
     for k, v in warmup_s.items():
         variants[k]["warmup_s"] = v
     result = {
@@ -732,7 +739,8 @@ def bench_train(args, work: Path) -> dict:
     }
     if args.trainer:
         overhead = 100 * (variants["trainer"]["step_s"] / variants["bare"]["step_s"] - 1)
-        result |= {"trainer_overhead_pct": overhead,
+        cpu = 100 * (variants["trainer"]["cpu_step_s"] / variants["bare"]["cpu_step_s"] - 1)
+        result |= {"trainer_overhead_pct": overhead, "trainer_overhead_cpu_pct": cpu,
                    "overhead_goal_pct": GOAL_TRAINER_OVERHEAD_PCT,
                    "overhead_goal_met": overhead <= GOAL_TRAINER_OVERHEAD_PCT}  # fmt: skip
     return result
@@ -804,7 +812,7 @@ def print_train(result: dict) -> None:
                   f"{cfg['batch']}, {cfg['steps']} timed steps after {cfg['warmup']}, "
                   f"on {cfg['device']}", title_justify="left")  # fmt: skip
     for col in ("", "ms/step", "ms/image", "images/s", "TFLOP/s", "MFU", "peak GiB", "x seed",
-                "worst round"):  # fmt: skip
+                "worst round", "CPU ms/step"):  # fmt: skip
         table.add_column(col, justify="right")
     seed_s = result["variants"]["seed"]["step_s"]
     for key, v in result["variants"].items():
@@ -813,7 +821,8 @@ def print_train(result: dict) -> None:
                       f"{100 * v['mfu']:.1f}%" if v["mfu"] is not None else "-",
                       f"{v['peak_mem_gib']:.2f}" if v["peak_mem_gib"] is not None else "-",
                       f"{seed_s / v['step_s']:.2f}",
-                      f"{max(v['rounds_step_s']) / v['step_s']:.2f}x")  # fmt: skip
+                      f"{max(v['rounds_step_s']) / v['step_s']:.2f}x",
+                      f"{1e3 * v['cpu_step_s']:.1f}")  # fmt: skip
     console.print(table)
     layout = "channels-last" if cfg["channels_last"] else "contiguous"
     console.print(
@@ -825,8 +834,9 @@ def print_train(result: dict) -> None:
     )  # fmt: skip
     if "trainer_overhead_pct" in result:
         ok = "met" if result["overhead_goal_met"] else "NOT met"
-        console.print(f"real trainer vs bare step: {result['trainer_overhead_pct']:+.1f}% "
-                      f"(goal <= {result['overhead_goal_pct']:g}%: {ok})")  # fmt: skip
+        console.print(f"real trainer vs bare step: {result['trainer_overhead_pct']:+.1f}% wall "
+                      f"(goal <= {result['overhead_goal_pct']:g}%: {ok}); "
+                      f"{result['trainer_overhead_cpu_pct']:+.1f}% CPU time of the main process")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:  # python -m dist_seg.bench, before the CLI knows it

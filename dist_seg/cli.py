@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import sys
 from pathlib import Path
 
 from dist_seg.errors import UserError
 
-PLUGINS: tuple[str, ...] = ("dist_seg.compare", "dist_seg.bench")
+PLUGINS: tuple[str, ...] = ("dist_seg.compare", "dist_seg.bench", "dist_seg.export")
 
 
 def _add_train(sub) -> None:
@@ -110,15 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-masks", help="directory for predicted masks and overlays")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--tta", action="store_true", help="average the logits over flips")
 
     p = sub.add_parser("predict", help="masks for any images, at their original resolution")
-    p.add_argument("--checkpoint", required=True)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint")
+    which.add_argument("--exported", help="an ONNX or TorchScript file from `dist-seg export`")
+    p.add_argument("--tta", action="store_true", help="average the logits over flips")
     p.add_argument("--input", required=True, help="an image or a directory of images")
     p.add_argument("--out", required=True)
 
     for module in PLUGINS:  # commands that register themselves: add_parser(sub) -> func=run
-        if importlib.util.find_spec(module) is not None:
-            importlib.import_module(module).add_parser(sub)
+        importlib.import_module(module).add_parser(sub)
 
     p = sub.add_parser("demo", help="synthesize, pack, train a small model on CPU, evaluate")
     p.add_argument("--out", default="runs/demo")
@@ -181,11 +183,12 @@ def run(argv: list[str] | None = None) -> int:
             args.save_masks,
             batch_size=args.batch_size,
             num_workers=args.workers,
+            tta=args.tta,
         )
     elif args.command == "predict":
         from dist_seg.predict import predict
 
-        predict(args.checkpoint, args.input, args.out)
+        predict(args.checkpoint, args.input, args.out, exported=args.exported, tta=args.tta)
     elif args.command == "demo":
         from dist_seg.demo import demo
 

@@ -37,6 +37,7 @@ class ModelConfig:
     name: str = "unet"  # unet | resnet34_unet
     width: float = 1.0  # scales every channel count (1.0 = the seed's models)
     stem_pool: bool = False  # resnet34_unet: standard ResNet max-pool after the stem
+    pretrained: str = ""  # resnet34_unet: a local torchvision resnet34 state_dict (ImageNet)
 
 
 @dataclass
@@ -141,6 +142,8 @@ def _check(cfg: Config) -> None:
         bad("data.size", f"{cfg.data.size} must be a multiple of 16 (the models downsample 16x)")
     if cfg.model.width <= 0:
         bad("model.width", f"{cfg.model.width} must be > 0")
+    if cfg.model.pretrained and cfg.model.name not in ("resnet34_unet", "resnet34"):
+        bad("model.pretrained", "only resnet34_unet has an ImageNet encoder to load")
     if not 0 <= cfg.train.ema_decay < 1:
         bad("train.ema_decay", f"{cfg.train.ema_decay} must be in [0, 1)")
     if cfg.train.select == "ema" and cfg.train.ema_decay == 0:

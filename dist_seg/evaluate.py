@@ -16,33 +16,46 @@ from dist_seg.data.manifest import check_shards, load_manifest
 from dist_seg.data.stream import build_loader
 from dist_seg.data.transforms import to_device
 from dist_seg.errors import DataError
+from dist_seg.models.pretrained import normalize_imagenet, uses_imagenet_norm
 from dist_seg.runtime import make_accelerator, raise_on_any_rank, release
+from dist_seg.tta import flip_tta
 from dist_seg.viz import save_mask_png, save_png, side_by_side
 
 
 @torch.no_grad()
 def evaluate(
-    model, loader, accelerator, *, channels_last=True, console=None, on_batch=None
-) -> dict:
+    model, loader, accelerator, *, channels_last=True, console=None, on_batch=None,
+    normalize=False, tta=False,
+) -> dict:  # fmt: skip
     """Metrics of ``model`` (a plain module, not the DDP wrapper: an eval forward must not
     start collectives, since ranks may hold different batch counts) over this rank's part
-    of ``loader``, reduced across ranks once at the end."""
+    of ``loader``, reduced across ranks once at the end. With ``tta`` the logits are the
+    mean over flips, and the plain model's metrics come back too, under "no_tta"."""
     was_training = model.training
     model.eval()
     stats = metrics.zeros(accelerator.device)
+    plain = metrics.zeros(accelerator.device)
     dtype = next(model.parameters()).dtype
     console = console or Console(enabled=False)
     with console.progress("eval", len(loader)) as update:
         for batch in loader:
             images, masks = to_device(batch, accelerator.device, channels_last, dtype)
+            if normalize:
+                images = normalize_imagenet(images)
             with accelerator.autocast():
                 logits = model(images)
+                if tta:
+                    plain += metrics.batch_stats(logits, masks)
+                    logits = flip_tta(model, images)
             stats += metrics.batch_stats(logits, masks)
             if on_batch is not None:
                 on_batch(batch, logits)
             update()
     model.train(was_training)
-    return metrics.summarize(accelerator.reduce(stats, reduction="sum"))
+    result = metrics.summarize(accelerator.reduce(stats, reduction="sum"))
+    if tta:
+        result["no_tta"] = metrics.summarize(accelerator.reduce(plain, reduction="sum"))
+    return result
 
 
 def run_evaluate(
@@ -53,6 +66,7 @@ def run_evaluate(
     save_masks: str | None = None,
     batch_size: int = 8,
     num_workers: int = 2,
+    tta: bool = False,
 ) -> dict:
     """`dist-seg evaluate`: metrics.json (+ masks and overlays) for one split; any world size."""
     model, cfg, _ = model_from_checkpoint(checkpoint)
@@ -77,21 +91,16 @@ def run_evaluate(
     model = model.to(accelerator.device, memory_format=memory_format)
     mask_dir = Path(save_masks) if save_masks else None
     on_batch = (lambda b, logits: _save_masks(b, logits, mask_dir)) if mask_dir else None
-    result = evaluate(
-        model,
-        loader,
-        accelerator,
-        channels_last=cfg.train.channels_last,
-        console=console,
-        on_batch=on_batch,
-    )
+    result = evaluate(model, loader, accelerator, channels_last=cfg.train.channels_last,
+                      console=console, on_batch=on_batch, normalize=uses_imagenet_norm(cfg),
+                      tta=tta)  # fmt: skip
     expected = manifest.num_samples(split)
     if result["num_images"] != expected:
         raise DataError(
             f"evaluated {result['num_images']} images of split {split!r} but "
             f"{manifest.location} lists {expected}; the shards are damaged, repack them"
         )
-    result.update(split=split, checkpoint=str(checkpoint), shards=str(shards))
+    result.update(split=split, checkpoint=str(checkpoint), shards=str(shards), tta=tta)
     out_dir = Path(out) if out else Path(checkpoint).resolve().parent
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)

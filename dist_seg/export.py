@@ -76,9 +76,9 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path) -> dict
         _import_onnx()
     out = Path(out)
     model, cfg, _ = model_from_checkpoint(checkpoint)
-    model = model.float().eval()
     if uses_imagenet_norm(cfg):
         model = _ImageNetInput(model)
+    model = model.float().eval()  # after wrapping: the ONNX exporter restores the wrapper's mode
     size = cfg.data.size or 256  # 0 = the pack's own size, not in the checkpoint
     meta = {
         "model": cfg.model.name,
@@ -207,10 +207,12 @@ class ExportedModel:
         if self.format == "onnx":
             self._session = _onnx_session(self.path)
             text = self._session.get_modelmeta().custom_metadata_map.get(META_KEY)
+            self.meta = _parse_meta(self.path, text)
         else:
-            text = _torchscript_meta(self.path)
-            self._module = torch.jit.load(str(self.path), map_location="cpu").eval()
-        self.meta = _parse_meta(self.path, text)
+            self.meta = _parse_meta(self.path, _torchscript_meta(self.path))
+            with warnings.catch_warnings():  # torch.jit.load's DeprecationWarning
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self._module = torch.jit.load(str(self.path), map_location="cpu").eval()
         self.image_size: int = int(self.meta["image_size"])
 
     def __call__(self, images: np.ndarray | Tensor) -> Tensor:

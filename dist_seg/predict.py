@@ -11,27 +11,44 @@ import torch.nn.functional as F
 from dist_seg.checkpoint import model_from_checkpoint
 from dist_seg.data.pets import decode_image, resize_pair
 from dist_seg.errors import DataError, UserError
+from dist_seg.models.pretrained import normalize_imagenet, uses_imagenet_norm
+from dist_seg.tta import flip_tta
 from dist_seg.viz import save_mask_png, save_png, side_by_side
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 @torch.no_grad()
-def predict_mask(model: torch.nn.Module, image: np.ndarray, size: int, device="cpu") -> np.ndarray:
-    """HxW bool mask for an HxWx3 uint8 image: resized to the training size, logits resized back."""
+def predict_mask(
+    model, image: np.ndarray, size: int, device="cpu", *, normalize=False, tta=False
+) -> np.ndarray:
+    """HxW bool mask for an HxWx3 uint8 image: resized to the training size, logits resized
+    back. ``model`` is a module or an exported model (dist_seg.export.load_exported)."""
     h, w = image.shape[:2]
     small, _ = resize_pair(image, np.zeros((h, w), np.uint8), size)
     x = torch.from_numpy(np.array(small)).permute(2, 0, 1)[None].float().div_(255)
-    logits = model(x.to(device))
+    if normalize:
+        x = normalize_imagenet(x)
+    logits = flip_tta(model, x.to(device), enabled=tta)
     logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
     return (logits[0, 0] > 0).cpu().numpy()
 
 
-def predict(checkpoint: str, input_path: str, out: str) -> int:
-    """Writes OUT/<stem>_mask.png (0/255) and OUT/<stem>_overlay.png per image; returns the count."""
-    model, cfg, _ = model_from_checkpoint(checkpoint)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = model.to(device).eval()
+def predict(
+    checkpoint: str | None, input_path: str, out: str, *, exported: str | None = None, tta=False
+) -> int:
+    """Writes OUT/<stem>_mask.png (0/255) and OUT/<stem>_overlay.png per image; returns the
+    count. Runs a checkpoint, or an exported ONNX/TorchScript file (normalization inside)."""
+    if exported:
+        from dist_seg.export import load_exported
+
+        model = load_exported(exported)
+        size, device, normalize = model.image_size, "cpu", False
+    else:
+        model, cfg, _ = model_from_checkpoint(checkpoint)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = model.to(device).eval()
+        size, normalize = cfg.data.size, uses_imagenet_norm(cfg)
     src = Path(input_path)
     if src.is_dir():
         files = sorted(
@@ -55,7 +72,7 @@ def predict(checkpoint: str, input_path: str, out: str) -> int:
                 raise
             skipped.append(f"{path.name}: {e}")
             continue
-        mask = predict_mask(model, image, cfg.data.size, device)
+        mask = predict_mask(model, image, size, device, normalize=normalize, tta=tta)
         save_mask_png(mask, out_dir / f"{path.stem}_mask.png")
         save_png(side_by_side(image, mask), out_dir / f"{path.stem}_overlay.png")
         done += 1

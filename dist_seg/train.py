@@ -26,6 +26,11 @@ from dist_seg.data.stream import build_loader
 from dist_seg.data.transforms import random_flips, to_device
 from dist_seg.errors import UserError
 from dist_seg.evaluate import evaluate
+from dist_seg.models.pretrained import (
+    load_torchvision_resnet34,
+    normalize_imagenet,
+    uses_imagenet_norm,
+)
 from dist_seg.runtime import (
     Preemption,
     apply_speed_switches,
@@ -155,6 +160,9 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         model = model_from_config(cfg)
+        if cfg.model.pretrained:  # before resume: a resume overwrites these weights
+            load_torchvision_resnet34(model.encoder, cfg.model.pretrained)
+        self.normalize = uses_imagenet_norm(cfg)
         if cfg.train.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if cfg.train.channels_last:
@@ -230,6 +238,8 @@ class Trainer:
                 if cfg.data.flip:  # coins from (seed, epoch, step, rank): resumes flip alike
                     key = hash((cfg.train.seed, self.epoch, self.step, self.rank)) % (2**62)
                     images, masks = random_flips(images, masks, torch.Generator().manual_seed(key))
+                if self.normalize:
+                    images = normalize_imagenet(images)
                 with acc.accumulate(self.model):
                     logits = self.model(images)
                     loss, bce_sum = loss_fn(logits, masks, cfg.optim.loss)
@@ -294,10 +304,11 @@ class Trainer:
         sync_buffers(self.model, acc)
         panel = []  # the first validation images of the main process: the same every epoch
         val = evaluate(self.raw_model, self.val_loader, acc, channels_last=cfg.train.channels_last,
-                       console=self.console, on_batch=self.tracker.collector(panel))  # fmt: skip
+                       console=self.console, on_batch=self.tracker.collector(panel),
+                       normalize=self.normalize)  # fmt: skip
         if self.ema is not None:
             sync_buffers(self.ema, acc)
-            ema = evaluate(self.ema.module, self.val_loader, acc,
+            ema = evaluate(self.ema.module, self.val_loader, acc, normalize=self.normalize,
                            channels_last=cfg.train.channels_last)  # fmt: skip
             val |= {f"ema_{k}": v for k, v in ema.items() if k != "num_images"}
         row = {

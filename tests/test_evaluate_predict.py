@@ -108,3 +108,31 @@ def test_truncated_checkpoint_is_a_clear_error(checkpoint, tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cut.pt" in err[0] and "truncated" in err[0]
+
+
+def test_evaluate_with_tta_reports_its_effect(checkpoint, packed, tmp_path):
+    result = run_evaluate(
+        str(checkpoint), str(packed), "test", str(tmp_path), tta=True, num_workers=0
+    )
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["tta"] is True and saved["no_tta"].keys() >= KEYS
+    plain = run_evaluate(str(checkpoint), str(packed), "test", str(tmp_path / "p"), num_workers=0)
+    assert saved["no_tta"]["dice_per_image"] == pytest.approx(plain["dice_per_image"], abs=1e-9)
+    assert result["loss"] != plain["loss"]  # averaged logits are other logits
+
+
+def test_predict_runs_from_an_exported_file(checkpoint, synth_root, tmp_path):
+    from dist_seg.export import export_checkpoint
+
+    exported = tmp_path / "model.pt"
+    export_checkpoint(checkpoint, "torchscript", exported)
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("Abyssinian_34", "beagle_116"):
+        (src / f"{name}.jpg").write_bytes((synth_root / "images" / f"{name}.jpg").read_bytes())
+    assert predict(None, str(src), str(tmp_path / "a"), exported=str(exported)) == 2
+    assert predict(str(checkpoint), str(src), str(tmp_path / "b")) == 2
+    for name in ("Abyssinian_34", "beagle_116"):
+        a = np.asarray(Image.open(tmp_path / "a" / f"{name}_mask.png")).astype(int)
+        b = np.asarray(Image.open(tmp_path / "b" / f"{name}_mask.png")).astype(int)
+        assert (a != b).mean() < 0.001  # the same masks, up to float noise at the threshold

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dist_seg import export
-from dist_seg.checkpoint import model_from_checkpoint, save_checkpoint
+from dist_seg.checkpoint import model_from_checkpoint, model_from_config, save_checkpoint
 from dist_seg.config import load_config
 from dist_seg.errors import UserError
 from dist_seg.export import add_parser, export_checkpoint, exported_size, load_exported
@@ -29,8 +29,6 @@ def make_checkpoint(path, name, size=32, **model):
     cfg = load_config(None, [{"model": {"name": name, "width": 0.0625, **model},
                               "data": {"size": size}}])  # fmt: skip
     torch.manual_seed(0)
-    from dist_seg.checkpoint import model_from_config
-
     net = model_from_config(cfg)
     for module in net.modules():
         if isinstance(module, torch.nn.BatchNorm2d):

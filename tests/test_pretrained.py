@@ -159,3 +159,30 @@ def test_normalize_imagenet():
     assert out.dtype == torch.float64 and out.shape == images.shape
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
         normalize_imagenet(torch.rand(3, 8, 8))
+
+
+def test_training_starts_from_the_file_with_imagenet_inputs(weights_file, packed, tmp_path):
+    from dist_seg.checkpoint import load_checkpoint
+    from dist_seg.config import load_config
+    from dist_seg.train import train
+
+    cfg = load_config(None, [{
+        "data": {"shards": str(packed), "size": 32, "num_workers": 0},
+        "model": {"name": "resnet34_unet", "pretrained": str(weights_file)},
+        "optim": {"lr": 1e-12},
+        "train": {"epochs": 1, "batch_size": 4, "precision": "no"},
+        "run": {"out_dir": str(tmp_path), "name": "pre"},
+    }])  # fmt: skip
+    train(cfg)
+    saved = load_checkpoint(tmp_path / "pre" / "last.pt")["model"]
+    source = torch.load(weights_file, weights_only=True)
+    for key in ("conv1.weight", "layer3.2.conv2.weight", "layer4.0.downsample.0.weight"):
+        assert torch.allclose(saved[f"encoder.{key}"], source[key], atol=1e-6), key
+
+
+def test_pretrained_is_refused_for_unet(weights_file):
+    from dist_seg.config import load_config
+    from dist_seg.errors import UserError
+
+    with pytest.raises(UserError, match="model.pretrained"):
+        load_config(None, [{"model": {"name": "unet", "pretrained": str(weights_file)}}])

@@ -40,7 +40,7 @@ def normalize_imagenet(images: Tensor) -> Tensor:
 def uses_imagenet_norm(cfg) -> bool:
     """Whether a run's models see ImageNet-normalized inputs: it started from ImageNet weights
     (``model.pretrained`` names the file). Train, evaluate, predict and export all ask this."""
-    return bool(getattr(cfg.model, "pretrained", ""))
+    return bool(cfg.model.pretrained)
 
 
 def load_torchvision_resnet34(encoder: ResNet34Encoder, path: str | Path) -> None:
