@@ -18,13 +18,17 @@ train step (``transforms.random_flips``). Figures:
 The data bench runs torch with one intra-op thread, as DataLoader workers do. Page cache is
 warm for both loaders (the synthetic files and shards were just written or read).
 
-``bench train``: images/s of one training step of ``--model`` on preloaded tensors, the
-configured step (precision, channels-last, compile) against a seed-style step (fp32,
-contiguous, ``BCEWithLogitsLoss``, ``loss.backward(); optimizer.step()``) of the same model;
-FLOPs of one forward + backward from ``FlopCounterMode``, MFU and peak memory on a GPU. Then
-the real trainer (``Trainer.train_one_epoch`` fed by the streaming loader from packed shards)
-against the bare configured step: the overhead of to_device, flips, accumulate, loss, metric
-sums and loader waits, per step after the warmup steps.
+``bench train``: images/s of one training step of ``--model`` on a preloaded batch, the
+configured "bare" step (precision, channels-last, compile; dist_seg's loss) against a
+seed-style step (fp32, contiguous, ``BCEWithLogitsLoss``, ``loss.backward();
+optimizer.step()``) of the same model; FLOPs of one forward + backward from
+``FlopCounterMode``, MFU and peak memory on a GPU. Then the real trainer
+(``Trainer.train_one_epoch`` on its own streaming loader over packed shards, its epoch made
+as long as the real set's) against the bare step: the overhead of to_device, flips,
+accumulate, loss, metric sums and waits for data, per step after ``--warmup`` steps (worker
+start and pipeline fill fall in the warmup). Seed, bare and trainer run in interleaved
+rounds; each keeps its best round. Also the CPU time of the main process per step: on a
+shared machine, being descheduled inflates wall time but not CPU time.
 """
 
 from __future__ import annotations
@@ -114,8 +118,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 DATA_FLAGS = ("work", "num_images", "size", "shard_size", "epoch_samples", "batch", "workers",
               "epochs", "repeats", "json")  # fmt: skip
 TRAIN_FLAGS = ("work", "num_images", "size", "shard_size", "model", "width", "stem_pool",
-               "batch", "precision", "channels_last", "threads", "compile", "warmup", "steps", "repeats", "workers", "trainer",
-               "peak_tflops", "json")  # fmt: skip
+               "batch", "precision", "channels_last", "compile", "warmup", "steps", "repeats",
+               "workers", "threads", "trainer", "peak_tflops", "json")  # fmt: skip
 
 
 def command_line(args) -> str:

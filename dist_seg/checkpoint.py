@@ -36,18 +36,24 @@ def save_checkpoint(state: dict, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    path = Path(path)
+def read_torch_file(path: Path, what: str, map_location="cpu"):
+    """torch.load without pickle (weights_only=True): tensors, containers and primitives only.
+    A missing, truncated or foreign file is one UserError naming it."""
     if not path.is_file():
-        raise UserError(f"checkpoint {path} not found")
+        raise UserError(f"{what} {path} not found")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
-            f"checkpoint {path} cannot be read ({first}); it is truncated, corrupt or "
-            "not a dist_seg checkpoint"
+            f"{what} {path} cannot be read ({first[:160]}); it is truncated, corrupt or "
+            "not written by torch.save"
         ) from None
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    state = read_torch_file(path, "checkpoint", map_location)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"checkpoint {path} is not a dist_seg checkpoint (no model/config)")
     return state

@@ -6,7 +6,6 @@ Only the main process prints or tracks; every other rank gets a Console that is 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from contextlib import contextmanager
 
@@ -96,7 +95,3 @@ def _fmt(v) -> str:
 def wandb_mode(configured: str) -> str:
     """WANDB_MODE in the environment overrides the config (online | offline | disabled)."""
     return os.environ.get("WANDB_MODE", configured).lower()
-
-
-def stdout_is_terminal() -> bool:
-    return sys.stdout.isatty()

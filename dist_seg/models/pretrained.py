@@ -11,8 +11,6 @@ weights expects inputs normalized as ImageNet's: ``normalize_imagenet``.
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -79,16 +77,9 @@ def load_torchvision_resnet34(encoder: ResNet34Encoder, path: str | Path) -> Non
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise UserError(f"pretrained weights {path} not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(
-            f"pretrained weights {path} cannot be read ({first[:160]}); the file is truncated, "
-            "corrupt or not written by torch.save"
-        ) from None
+    from dist_seg.checkpoint import read_torch_file
+
+    state = read_torch_file(path, "pretrained weights")
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
     ):
