@@ -15,7 +15,7 @@ from dist_seg.console import Console
 from dist_seg.data.manifest import check_shards, load_manifest
 from dist_seg.data.stream import build_loader
 from dist_seg.data.transforms import to_device
-from dist_seg.errors import DataError
+from dist_seg.errors import DataError, UserError
 from dist_seg.models.pretrained import normalize_imagenet, uses_imagenet_norm
 from dist_seg.runtime import make_accelerator, raise_on_any_rank, release
 from dist_seg.tta import flip_tta
@@ -69,6 +69,16 @@ def run_evaluate(
     tta: bool = False,
 ) -> dict:
     """`dist-seg evaluate`: metrics.json (+ masks and overlays) for one split; any world size."""
+    out_dir = Path(out) if out else Path(checkpoint).resolve().parent
+    mask_dir = Path(save_masks) if save_masks else None
+    for folder in (out_dir, mask_dir):  # fail before evaluating, not after
+        if folder is not None:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(
+                    f"cannot write {folder}: {e.strerror}; choose a writable directory"
+                ) from None
     model, cfg, _ = model_from_checkpoint(checkpoint)
     accelerator = make_accelerator(cfg.train.precision)
     console = Console(enabled=accelerator.is_main_process)
@@ -89,7 +99,6 @@ def run_evaluate(
     )
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(accelerator.device, memory_format=memory_format)
-    mask_dir = Path(save_masks) if save_masks else None
     on_batch = (lambda b, logits: _save_masks(b, logits, mask_dir)) if mask_dir else None
     result = evaluate(model, loader, accelerator, channels_last=cfg.train.channels_last,
                       console=console, on_batch=on_batch, normalize=uses_imagenet_norm(cfg),
@@ -101,9 +110,7 @@ def run_evaluate(
             f"{manifest.location} lists {expected}; the shards are damaged, repack them"
         )
     result.update(split=split, checkpoint=str(checkpoint), shards=str(shards), tta=tta)
-    out_dir = Path(out) if out else Path(checkpoint).resolve().parent
     if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out_dir / ".metrics.json.tmp"
         tmp.write_text(json.dumps(result, indent=2))
         os.replace(tmp, out_dir / "metrics.json")

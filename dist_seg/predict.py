@@ -63,6 +63,12 @@ def predict(
     else:
         raise UserError(f"--input {src} does not exist")
     out_dir = Path(out)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"cannot write --out {out_dir}: {e.strerror}; choose a writable directory"
+        ) from None
     done, skipped = 0, []
     for path in files:
         try:

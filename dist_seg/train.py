@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -113,7 +114,7 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, resume: str | None = None):
         self.cfg = cfg
         log_with = "wandb" if wandb_mode(cfg.wandb.mode) != "disabled" else None
         self.accelerator = acc = make_accelerator(
@@ -137,7 +138,8 @@ class Trainer:
         if self.main:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
-                dump_config(cfg, self.run_dir / "config.yaml")
+                tempfile.TemporaryFile(dir=self.run_dir).close()  # writable? config.yaml comes
+                # only once every check has passed: a failed start leaves a run as it was
             except OSError as e:
                 raise UserError(
                     f"cannot write the run directory {self.run_dir}: {e.strerror}; set run.out_dir"
@@ -188,7 +190,12 @@ class Trainer:
         self.epoch, self.step, self.history = 0, 0, []
         self.best = {"dice_per_image": -1.0, "epoch": 0}
         self.train_sums = torch.zeros(2, dtype=torch.float64, device=acc.device)
-        self.preemption, self.stop_requested, self.skipped_batches = Preemption(), False, 0
+        self.stop_requested, self.skipped_batches = False, 0
+        if resume:
+            self.resume(resume)
+        if self.main:
+            dump_config(cfg, self.run_dir / "config.yaml")
+        self.preemption = Preemption()
         self.tracker = Tracker(acc, cfg, self.run_dir)
 
     @property
@@ -494,7 +501,4 @@ def write_history(history: list[dict], run_dir: Path) -> None:
 
 def train(cfg: Config, resume: str | None = None) -> dict:
     """Train ``cfg`` (optionally resuming); returns the summary also written to summary.json."""
-    trainer = Trainer(cfg)
-    if resume:
-        trainer.resume(resume)
-    return trainer.fit()
+    return Trainer(cfg, resume=resume).fit()

@@ -146,7 +146,12 @@ def pack(
 
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    try:
+        partial.mkdir(parents=True)
+    except OSError as e:
+        raise UserError(
+            f"cannot write --out {out}: {e.strerror} ({e.filename}); choose a writable directory"
+        ) from None
     tasks = [
         ShardTask(root, split, i, recs[j : j + shard_size], size, encoding, skip_bad, partial)
         for split, recs in splits.items()
