@@ -205,6 +205,21 @@ def _is_main_process() -> bool:
         return True
 
 
+def _leave_process_group() -> None:
+    """On an error every rank raised alike: leave the process group cleanly, so gloo does
+    not abort the interpreter at exit (DESIGN.md section 3) and the exit code stays 2."""
+    import gc
+
+    torch = sys.modules.get("torch")
+    gc.collect()
+    if (
+        torch is not None
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+    ):
+        torch.distributed.destroy_process_group()
+
+
 def error_line(err: BaseException) -> str:
     """One line for the user. An error raised in a DataLoader worker comes back wrapped with
     the worker's traceback; its last line is the original message."""
@@ -226,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         if _is_main_process():
             print(f"dist-seg: error: {error_line(e)}", file=sys.stderr, flush=True)
+        _leave_process_group()
         code = 2
     except KeyboardInterrupt:
         print("dist-seg: interrupted", file=sys.stderr, flush=True)

@@ -135,15 +135,17 @@ class Trainer:
         self.main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
         self.console = Console(enabled=self.main, log_every=cfg.train.log_every)
         self.run_dir = cfg.run_dir()
+        error = None
         if self.main:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 tempfile.TemporaryFile(dir=self.run_dir).close()  # writable? config.yaml comes
                 # only once every check has passed: a failed start leaves a run as it was
             except OSError as e:
-                raise UserError(
+                error = UserError(
                     f"cannot write the run directory {self.run_dir}: {e.strerror}; set run.out_dir"
-                ) from None
+                )
+        raise_on_any_rank(acc, error)  # not only on the main process: others would wait
 
         self.manifest = load_manifest(prepare_shards(cfg, acc, self.console))
         splits = (cfg.data.train_split, cfg.data.val_split)
