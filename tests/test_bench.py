@@ -109,7 +109,8 @@ def test_bench_train_json_is_complete_and_consistent(work, tmp_path, capsys, one
     assert r["flops_per_image"] > 0
     assert set(r["variants"]) == {"seed", "bare", "trainer"}
     for v in r["variants"].values():
-        assert v["step_s"] > 0
+        assert v["step_s"] > 0 and v["cpu_step_s"] > 0
+        assert v["step_s"] == min(v["rounds_step_s"]) and len(v["rounds_step_s"]) == 3
         assert close(v["images_per_s"], cfg["batch"] / v["step_s"])
         assert close(v["ms_per_image"], 1e3 * v["step_s"] / cfg["batch"])
         assert close(v["tflops"], r["flops_per_image"] * cfg["batch"] / v["step_s"] / 1e12)
@@ -117,6 +118,8 @@ def test_bench_train_json_is_complete_and_consistent(work, tmp_path, capsys, one
     seed, bare, trainer = (r["variants"][k]["step_s"] for k in ("seed", "bare", "trainer"))
     assert close(r["speedup_vs_seed"], seed / bare)
     assert close(r["trainer_overhead_pct"], 100 * (trainer / bare - 1))
+    cpu = r["variants"]["trainer"]["cpu_step_s"] / r["variants"]["bare"]["cpu_step_s"]
+    assert close(r["trainer_overhead_cpu_pct"], 100 * (cpu - 1))
     assert r["overhead_goal_met"] == (r["trainer_overhead_pct"] <= r["overhead_goal_pct"])
     assert (work / "runs" / "bench-train" / "config.yaml").exists()  # a real Trainer ran
 
@@ -186,4 +189,5 @@ def test_timed_loader_cuts_and_chains_epochs():
     assert len(timed) == 5
     assert list(timed) == ["7/0", "7/1", "7/2", "1000007/0", "1000007/1"]
     assert sorted(timed.ends) == [-1, 0, 1, 2, 3, 4]
-    assert all(timed.ends[k] <= timed.ends[k + 1] for k in range(-1, 4))
+    assert all(timed.ends[k][0] <= timed.ends[k + 1][0] for k in range(-1, 4))  # wall
+    assert all(timed.ends[k][1] <= timed.ends[k + 1][1] for k in range(-1, 4))  # CPU

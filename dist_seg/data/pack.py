@@ -1,11 +1,15 @@
 """`dist-seg pack`: Oxford-IIIT Pet (real layout) -> WebDataset tar shards + manifest.json.
 
-Encoding, chosen by measurement (`dist-seg bench data` prints these on your machine; figures
-from these 2-core machines at 256x256, decode of image + trimap to arrays, one process):
-  raw uint8 arrays   ~260 KB/sample on disk, decode ~9,000 samples/s
-  JPEG q95 + PNG     ~ 40 KB/sample on disk, decode ~1,000 samples/s
-Decode speed is what bounds a data worker, so "raw" is the default: one core then feeds
-several GPUs. "jpeg" is there for shared file systems where 6x less disk and I/O matters more.
+Encoding, chosen by measurement: `dist-seg bench data --work /tmp/bw` (other options at their
+defaults; BENCHMARKS.md section 1: 2-core AMD EPYC, torch 2.13 CPU, 256x256, synthetic set,
+one process, 2026-11-25) measured
+  raw uint8 arrays  264 KB/sample on disk; decode (np.frombuffer) ~7 us, tar read + decode
+                    ~4,700 samples/s, the whole train loader ~2,600 samples/s
+  JPEG q95 + PNG     35 KB/sample on disk; decode ~770 us, tar read + decode
+                    ~1,150 samples/s, the whole train loader ~920 samples/s
+  (the seed's per-file loader, full-size JPEG + PNG and resize: ~350 samples/s)
+Decode is what bounds a data worker, so "raw" is the default. "jpeg" is there for shared
+file systems where 7.5x less disk and I/O matters more.
 """
 
 from __future__ import annotations

@@ -183,7 +183,7 @@ class ShardStream(IterableDataset):
         name, image, trimap = decode_sample(sample)
         if self.size and image.shape[:2] != (self.size, self.size):
             image, trimap = pets.resize_pair(image, trimap, self.size)
-        return name, image, self.lut[trimap]
+        return name, image, np.take(self.lut, trimap)  # ~2x faster than fancy indexing
 
     def __iter__(self):
         info = get_worker_info()
