@@ -15,7 +15,7 @@ from dist_seg.console import Console
 from dist_seg.data.manifest import check_shards, load_manifest
 from dist_seg.data.stream import build_loader
 from dist_seg.data.transforms import to_device
-from dist_seg.errors import DataError, UserError
+from dist_seg.errors import DataError, make_dir
 from dist_seg.models.pretrained import normalize_imagenet, uses_imagenet_norm
 from dist_seg.runtime import make_accelerator, raise_on_any_rank, release
 from dist_seg.tta import flip_tta
@@ -73,12 +73,7 @@ def run_evaluate(
     mask_dir = Path(save_masks) if save_masks else None
     for folder in (out_dir, mask_dir):  # fail before evaluating, not after
         if folder is not None:
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise UserError(
-                    f"cannot write {folder}: {e.strerror}; choose a writable directory"
-                ) from None
+            make_dir(folder)
     model, cfg, _ = model_from_checkpoint(checkpoint)
     accelerator = make_accelerator(cfg.train.precision)
     console = Console(enabled=accelerator.is_main_process)

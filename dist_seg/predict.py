@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from dist_seg.checkpoint import model_from_checkpoint
 from dist_seg.data.pets import decode_image, resize_pair
-from dist_seg.errors import DataError, UserError
+from dist_seg.errors import DataError, UserError, make_dir
 from dist_seg.models.pretrained import normalize_imagenet, uses_imagenet_norm
 from dist_seg.tta import flip_tta
 from dist_seg.viz import save_mask_png, save_png, side_by_side
@@ -62,13 +62,7 @@ def predict(
         files = [src]
     else:
         raise UserError(f"--input {src} does not exist")
-    out_dir = Path(out)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(
-            f"cannot write --out {out_dir}: {e.strerror}; choose a writable directory"
-        ) from None
+    out_dir = make_dir(Path(out), f"--out {out}")
     done, skipped = 0, []
     for path in files:
         try:

@@ -31,7 +31,7 @@ from PIL import Image
 from dist_seg import __version__
 from dist_seg.data import pets
 from dist_seg.data.manifest import FORMAT_VERSION, MANIFEST, sha256_file
-from dist_seg.errors import DataError, UserError
+from dist_seg.errors import DataError, UserError, make_dir
 
 ENCODINGS = ("raw", "jpeg")
 JPEG_QUALITY = 95
@@ -150,12 +150,7 @@ def pack(
 
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    try:
-        partial.mkdir(parents=True)
-    except OSError as e:
-        raise UserError(
-            f"cannot write --out {out}: {e.strerror} ({e.filename}); choose a writable directory"
-        ) from None
+    make_dir(partial, f"--out {out}")
     tasks = [
         ShardTask(root, split, i, recs[j : j + shard_size], size, encoding, skip_bad, partial)
         for split, recs in splits.items()
