@@ -29,6 +29,12 @@ class Tracker:
         if self.enabled and accelerator.is_main_process:
             self._start(wandb_mode(cfg.wandb.mode))
 
+    @property
+    def run_id(self) -> str | None:
+        """The W&B run id this run logs to (kept in the run dir, also saved in last.pt)."""
+        path = self.run_dir / "wandb_id.txt"
+        return path.read_text().strip() if self.enabled and path.exists() else None
+
     def _start(self, mode: str) -> None:
         import wandb
 

@@ -385,6 +385,9 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
                 "history": self.history,
                 "skipped_batches": self.skipped_batches,
+                # No RNG states: every random draw (shard order, shuffle, flips) derives from
+                # (seed, epoch, step, rank), so position alone replays it exactly.
+                "wandb_id": self.tracker.run_id,
             }
             if self.accelerator.scaler is not None:
                 state["scaler"] = self.accelerator.scaler.state_dict()

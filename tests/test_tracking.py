@@ -99,6 +99,9 @@ def test_resumed_run_continues_the_same_wandb_id(resumed):
     run_id = (resumed["dir"] / "wandb_id.txt").read_text().strip()
     assert [r["id"] for r in resumed["wandb"]] == [run_id, run_id]  # one per process start
     assert resumed["wandb"][1]["head"].get("resume") is True
+    from dist_seg.checkpoint import load_checkpoint
+
+    assert load_checkpoint(resumed["dir"] / "last.pt")["wandb_id"] == run_id
     assert [r["head"]["display_name"] for r in resumed["wandb"]] == ["tracked", "tracked"]
     assert {r["head"]["run_group"] for r in resumed["wandb"]} == {"g"}
     assert {tuple(r["head"]["tags"]) for r in resumed["wandb"]} == {("t1", "t2")}
