@@ -15,6 +15,7 @@ How samples are assigned (DESIGN.md section 2 has the traps this avoids):
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 import tarfile
 from dataclasses import dataclass
@@ -219,6 +220,13 @@ class EpochLoader:
     def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool):
         stream.num_workers = max(1, num_workers)
         self.stream = stream
+        context = None
+        if num_workers and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # fork() once gloo/NCCL threads run can copy a held lock into the worker, which
+            # then waits forever (a rare hang of a whole DDP job). A forkserver forks workers
+            # from a clean, single-threaded process instead.
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["dist_seg.data.stream"])
         # Workers are re-created every epoch (not persistent): each must see the new epoch.
         self.loader = DataLoader(
             stream,
@@ -226,6 +234,7 @@ class EpochLoader:
             num_workers=num_workers,
             pin_memory=pin_memory,
             prefetch_factor=4 if num_workers else None,
+            multiprocessing_context=context,
         )
         self.yielded = 0  # samples this rank received in the last (or current) epoch
 
