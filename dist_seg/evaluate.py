@@ -46,7 +46,7 @@ def evaluate(
                 logits = model(images)
                 if tta:
                     plain += metrics.batch_stats(logits, masks)
-                    logits = flip_tta(model, images)
+                    logits = flip_tta(model, images, identity=logits)  # 4 passes, not 5
             stats += metrics.batch_stats(logits, masks)
             if on_batch is not None:
                 on_batch(batch, logits)
