@@ -18,9 +18,20 @@ already match, that bilinear resize (``align_corners=True``, same size) is an ex
 identity. UNet has no such branch (its size check, which a trace drops, only raises).
 
 The file is written only after it is checked: it is run (onnxruntime on the CPU, or the
-TorchScript interpreter) on random images at the training size (batch 1) and at a second
-size (batch 2) and compared with the PyTorch model; a max absolute logit difference above
-``TOLERANCE`` is a UserError. ``FILE.json`` records the sizes checked and the differences.
+TorchScript interpreter) and compared with the PyTorch model on
+
+- random images at the training size (batch 1) and at a second size (batch 2): ``checks``,
+  ``max_abs_diff``;
+- real-layout images: the first ``REAL_IMAGES`` readable images of the test split of a
+  Pets root (``--check-data DIR``; without it, a synthetic twin made by
+  ``dist_seg.data.synth`` in a temporary folder), read by ``pets.load_sample`` and prepared
+  as ``predict`` prepares them (``pets.resize_pair`` to the training size, float in [0, 1]):
+  all of them at the training size, and the first one also 32 px larger (``checks_real``,
+  ``max_abs_diff_real``, ``check_data``).
+
+A max absolute logit difference above ``TOLERANCE`` on either is a UserError, and so is a
+``--check-data`` that is not a Pets root; nothing is written then. ``FILE.json`` records the
+sizes and images checked and the differences.
 """
 
 from __future__ import annotations
@@ -28,8 +39,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import warnings
 import zipfile
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +50,9 @@ import torch
 from torch import Tensor, nn
 
 from dist_seg.checkpoint import model_from_checkpoint
-from dist_seg.errors import UserError
+from dist_seg.data.pets import iter_split, resize_pair
+from dist_seg.data.synth import make_synthetic
+from dist_seg.errors import DataError, UserError
 from dist_seg.models.pretrained import normalize_imagenet, uses_imagenet_norm
 
 FORMATS = ("onnx", "torchscript")
@@ -46,6 +61,8 @@ OPSET = 17
 TRACE_SIDE = {"unet": 32, "resnet34_unet": 34}  # see the module docstring
 META_KEY = "dist_seg"  # ONNX metadata_props key (JSON); TorchScript extra file META_KEY.json
 INSTALL_HINT = 'pip install -e ".[export]"'
+REAL_IMAGES = 4  # real-layout check: the first readable images of the test split
+SYNTH_IMAGES, SYNTH_SEED = 8, 0  # without --check-data: 4 test images (PNG RGB/RGBA, JPEG)
 
 
 def add_parser(subparsers) -> None:
@@ -55,21 +72,32 @@ def add_parser(subparsers) -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="file to write; FILE.json gets the check report")
+    p.add_argument(
+        "--check-data",
+        metavar="DIR",
+        help="an Oxford-IIIT Pet root whose test images the export is also checked on "
+        "(default: a few synthetic ones)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    report = export_checkpoint(args.checkpoint, args.format, args.out)
+    report = export_checkpoint(args.checkpoint, args.format, args.out, args.check_data)
     shapes = ", ".join("x".join(map(str, c["shape"])) for c in report["checks"])
     print(
         f"exported {report['model']} as {report['format']} to {args.out}: max |logit diff| "
-        f"{report['max_abs_diff']:.2e} vs PyTorch on {shapes} (report: {args.out}.json)"
+        f"{report['max_abs_diff']:.2e} vs PyTorch on random {shapes}; "
+        f"{report['max_abs_diff_real']:.2e} on {len(report['checks_real'][0]['images'])} "
+        f"real-layout images ({report['check_data']}) (report: {args.out}.json)"
     )
     return 0
 
 
-def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path) -> dict:
-    """Export, check, then write ``out`` and ``out.json`` (atomically); returns the report."""
+def export_checkpoint(
+    checkpoint: str | Path, fmt: str, out: str | Path, check_data: str | Path | None = None
+) -> dict:
+    """Export, check, then write ``out`` and ``out.json`` (atomically); returns the report.
+    ``check_data``: a Pets root for the real-layout check (None: synthetic images)."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if fmt == "onnx":
@@ -80,6 +108,7 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path) -> dict
         model = _ImageNetInput(model)
     model = model.float().eval()  # after wrapping: the ONNX exporter restores the wrapper's mode
     size = cfg.data.size or 256  # 0 = the pack's own size, not in the checkpoint
+    source, real = _real_layout_inputs(check_data, size)  # before any work: a bad DIR fails fast
     meta = {
         "model": cfg.model.name,
         "width": cfg.model.width,
@@ -100,24 +129,36 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path) -> dict
                 _export_onnx(model, example, tmp, meta)
             else:
                 _export_torchscript(model, example, tmp, meta)
+        exported = ExportedModel(tmp)
+        g = torch.Generator().manual_seed(1)
         shapes = [(1, 3, size, size), (2, 3, size + 32, size + 16)]
-        checks = _check(model, ExportedModel(tmp), shapes)
+        checks = _check(model, exported, [torch.rand(s, generator=g) for s in shapes])
+        diffs = _check(model, exported, [images for _, images in real])
+        checks_real = [
+            {"shape": c["shape"], "images": names, "max_abs_diff": c["max_abs_diff"]}
+            for (names, _), c in zip(real, diffs)
+        ]
         report = {
             **meta,
             "format": fmt,
             "checkpoint": str(checkpoint),
             "traced_at": list(example.shape),
             "checks": checks,
-            "max_abs_diff": max(c["max_abs_diff"] for c in checks),
+            "max_abs_diff": max(c["max_abs_diff"] for c in checks),  # random images
+            "check_data": source,
+            "checks_real": checks_real,
+            "max_abs_diff_real": max(c["max_abs_diff"] for c in checks_real),
             "tolerance": TOLERANCE,
             "torch": torch.__version__,
             **({"opset": OPSET} if fmt == "onnx" else {}),
         }
-        if not report["max_abs_diff"] <= TOLERANCE:  # also catches NaN
-            raise UserError(
-                f"the {fmt} export of {checkpoint} differs from the PyTorch model by "
-                f"{report['max_abs_diff']:.3g} (> {TOLERANCE}) on {checks}; nothing written"
-            )
+        for what, found in (("random", checks), (f"real-layout ({source})", checks_real)):
+            diff = max(c["max_abs_diff"] for c in found)
+            if not diff <= TOLERANCE:  # also catches NaN
+                raise UserError(
+                    f"the {fmt} export of {checkpoint} differs from the PyTorch model by "
+                    f"{diff:.3g} (> {TOLERANCE}) on {what} images {found}; nothing written"
+                )
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -168,12 +209,39 @@ def _export_torchscript(model: nn.Module, example: Tensor, path: Path, meta: dic
     torch.jit.save(traced, str(path), _extra_files={f"{META_KEY}.json": json.dumps(meta)})
 
 
+def _real_layout_inputs(check_data: str | Path | None, size: int) -> tuple[str, list]:
+    """(source, [(names, images [B, 3, H, W])]): the first REAL_IMAGES readable test images
+    of ``check_data`` (a Pets root) or of a synthetic set, as ``predict_mask`` feeds them to
+    an exported model (and, normalized, to the PyTorch one): resized to ``size`` x ``size``,
+    float in [0, 1]; the first image also at ``size + 32``."""
+    if check_data is None:
+        source = f"synthetic: dist_seg.data.synth, {SYNTH_IMAGES} images, seed {SYNTH_SEED}"
+        with tempfile.TemporaryDirectory(prefix="dist-seg-export-") as tmp:
+            make_synthetic(Path(tmp), num_images=SYNTH_IMAGES, seed=SYNTH_SEED)
+            samples = list(islice(iter_split(Path(tmp), "test", skip_bad=True), REAL_IMAGES))
+    else:
+        source = str(check_data)
+        try:
+            samples = list(islice(iter_split(Path(check_data), "test", skip_bad=True), REAL_IMAGES))
+        except DataError as e:
+            raise UserError(f"--check-data {check_data}: {e}") from None
+        if not samples:
+            raise UserError(f"--check-data {check_data}: no readable image in its test split")
+
+    def batch(side: int, chosen: list) -> Tensor:  # as predict_mask prepares an image
+        arrays = [np.array(resize_pair(s.image, s.trimap, side)[0]) for s in chosen]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255)
+
+    names = [s.name for s in samples]
+    return source, [(names, batch(size, samples)), (names[:1], batch(size + 32, samples[:1]))]
+
+
 @torch.no_grad()
-def _check(model: nn.Module, exported: ExportedModel, shapes: list[tuple[int, ...]]) -> list:
-    g = torch.Generator().manual_seed(1)
+def _check(model: nn.Module, exported: ExportedModel, batches: list[Tensor]) -> list[dict]:
+    """[{"shape", "max_abs_diff"}] per batch of images: exported vs PyTorch logits."""
     checks = []
-    for shape in shapes:
-        images = torch.rand(shape, generator=g)
+    for images in batches:
+        shape = tuple(images.shape)
         try:
             logits = exported(images)
         except Exception as e:  # onnxruntime and the TorchScript interpreter raise their own

@@ -11,10 +11,14 @@ import torch
 
 from dist_seg import export
 from dist_seg.checkpoint import model_from_checkpoint, model_from_config, save_checkpoint
+from dist_seg.cli import main
 from dist_seg.config import load_config
+from dist_seg.data.pets import load_sample, read_split
+from dist_seg.data.synth import make_synthetic
 from dist_seg.errors import UserError
 from dist_seg.export import add_parser, export_checkpoint, exported_size, load_exported
 from dist_seg.models.pretrained import normalize_imagenet
+from dist_seg.predict import predict_mask
 
 MODELS = [
     pytest.param("unet", {}, id="unet"),
@@ -22,6 +26,8 @@ MODELS = [
     pytest.param("resnet34_unet", {"stem_pool": True}, id="resnet34_unet-stem_pool"),
 ]
 FORMATS = ["onnx", "torchscript"]
+# The test split of the default synthetic check set: PNG RGBA and RGB named .jpg, two JPEGs.
+SYNTH_TEST = ["Abyssinian_5", "Egyptian_Mau_156", "Maine_Coon_1", "staffordshire_bull_terrier_1"]
 
 
 def make_checkpoint(path, name, size=32, **model):
@@ -57,6 +63,13 @@ def test_export_is_checked_and_runs_at_other_batch_and_size(tmp_path, fmt, name,
     assert saved["max_abs_diff"] < 1e-4 and saved["tolerance"] == 1e-3
     assert saved["model"] == name and saved["image_size"] == 32 and saved["format"] == fmt
     assert saved["traced_at"][0] == 1  # traced at batch 1, one size: the rest is dynamic
+    assert saved["check_data"].startswith("synthetic")
+    small = pytest.approx(0, abs=1e-4)
+    assert saved["checks_real"] == [
+        {"shape": [4, 3, 32, 32], "images": SYNTH_TEST, "max_abs_diff": small},
+        {"shape": [1, 3, 64, 64], "images": SYNTH_TEST[:1], "max_abs_diff": small},
+    ]
+    assert 0 <= saved["max_abs_diff_real"] < 1e-4  # finite: NaN fails both
 
     model, _, _ = model_from_checkpoint(ckpt)
     model.eval()
@@ -95,7 +108,9 @@ def test_cli_subcommand(tmp_path, fmt, capsys):
     args = parser.parse_args(["export", "--checkpoint", str(make_checkpoint(tmp_path / "c.pt",
                               "unet")), "--format", fmt, "--out", str(out)])  # fmt: skip
     assert args.func(args) == 0
-    assert out.is_file() and f"as {fmt} to {out}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert out.is_file() and f"as {fmt} to {out}" in printed
+    assert "on 4 real-layout images (synthetic" in printed
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -132,6 +147,69 @@ def test_imagenet_normalization_is_inside_the_export(tmp_path, fmt, monkeypatch)
     exported = load_exported(tmp_path / "m")
     assert exported.meta["imagenet_norm"] is True
     assert (exported(images) - expected).abs().max().item() < 1e-4
+
+
+def test_real_layout_images_are_what_predict_feeds_the_model(tmp_path):
+    """--check-data: the first 4 test images, each the very tensor predict_mask passes on."""
+    root = tmp_path / "pets"
+    make_synthetic(root, num_images=8, seed=1)
+    source, [(names, images), (first, larger)] = export._real_layout_inputs(root, 32)
+    assert source == str(root) and first == names[:1]
+    assert names == [r.name for r in read_split(root, "test")][:4]
+    assert images.shape == (4, 3, 32, 32) and larger.shape == (1, 3, 64, 64)
+    seen = []
+
+    def model(x):
+        seen.append(x)
+        return torch.zeros(x.shape[0], 1, *x.shape[2:])
+
+    for name, x in zip(names, images):
+        predict_mask(model, load_sample(root, name).image, 32)
+        assert torch.equal(seen[-1], x[None])
+    predict_mask(model, load_sample(root, names[0]).image, 64)
+    assert torch.equal(seen[-1], larger)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_difference_on_real_layout_images_only_is_caught(tmp_path, fmt, monkeypatch):
+    """The exported model is off by 0.01 on the real-layout images alone: no export."""
+    _needs(fmt)
+    real, real_layout_inputs, call = [], export._real_layout_inputs, export.ExportedModel.__call__
+
+    def recorded(*args):
+        source, batches = real_layout_inputs(*args)
+        real.extend(images for _, images in batches)
+        return source, batches
+
+    def off_on_real(self, images):
+        return call(self, images) + (0.01 if any(images is r for r in real) else 0.0)
+
+    monkeypatch.setattr(export, "_real_layout_inputs", recorded)
+    monkeypatch.setattr(export.ExportedModel, "__call__", off_on_real)
+    with pytest.raises(UserError, match=r"by 0.01 \(> 0.001\) on real-layout \(synthetic") as err:
+        export_checkpoint(make_checkpoint(tmp_path / "c.pt", "unet"), fmt, tmp_path / "m")
+    assert "Abyssinian_5" in str(err.value) and "\n" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+
+
+@pytest.mark.parametrize("check_data", ["not-pets", "missing"])
+def test_check_data_that_is_not_a_pets_root_is_one_line_and_writes_nothing(
+    tmp_path, check_data, capsys
+):
+    (tmp_path / "not-pets" / "images").mkdir(parents=True)
+    (tmp_path / "not-pets" / "images" / "cat.jpg").write_bytes(b"not read")
+    ckpt = make_checkpoint(tmp_path / "c.pt", "unet")
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"an earlier export")
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "--checkpoint", str(ckpt), "--format", "torchscript", "--out", str(out),
+              "--check-data", str(tmp_path / check_data)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"dist-seg: error: --check-data {tmp_path / check_data}: ")
+    assert "not an Oxford-IIIT Pet root" in err
+    assert out.read_bytes() == b"an earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "m.pt", "not-pets"]
 
 
 def test_onnx_without_onnx_installed_says_how_to_install(tmp_path, monkeypatch):
