@@ -16,6 +16,7 @@ How samples are assigned (DESIGN.md section 2 has the traps this avoids):
 from __future__ import annotations
 
 import multiprocessing
+import os
 import random
 import tarfile
 from dataclasses import dataclass
@@ -26,8 +27,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dist_seg.data import pets
-from dist_seg.data.manifest import Manifest, Shard
+from dist_seg.data import pets, tarread
+from dist_seg.data.manifest import Manifest, Shard, is_url
 from dist_seg.data.pack import decode_sample
 from dist_seg.errors import DataError, UserError
 
@@ -81,10 +82,9 @@ def epoch_order(shards: list[Shard], seed: int, epoch: int) -> tuple[list[Shard]
 def read_segments(segs) -> object:
     """Stage: segments -> raw WebDataset samples (bytes), checked against the manifest counts."""
     for seg in segs:
-        source = iter([{"url": seg.shard.url}])
         got = 0
         try:
-            for sample in islice(wds.tarfile_samples(source), seg.start, seg.stop):
+            for sample in _samples(seg):
                 if not is_complete(sample):  # a cut inside a sample leaves part of it
                     break
                 got += 1
@@ -99,6 +99,23 @@ def read_segments(segs) -> object:
                 f"({seg.start + got} < {seg.shard.num_samples}): truncated or altered; "
                 "repack with `dist-seg pack`"
             )
+
+
+_OFFSETS: dict[tuple, list[int] | None] = {}  # (path, size, mtime) -> sample offsets
+
+
+def _samples(seg: Segment):
+    """A local plain-tar shard is read by offset (tarread); anything else by webdataset."""
+    url = seg.shard.url
+    if not is_url(url):
+        stat = os.stat(url)
+        key = (url, stat.st_size, stat.st_mtime_ns)
+        if key not in _OFFSETS:
+            _OFFSETS[key] = tarread.sample_offsets(url)
+        if _OFFSETS[key] is not None:
+            return tarread.read_samples(url, _OFFSETS[key], seg.start, seg.stop)
+    source = iter([{"url": url}])
+    return islice(wds.tarfile_samples(source), seg.start, seg.stop)
 
 
 def is_complete(sample: dict) -> bool:
