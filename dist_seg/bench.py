@@ -55,6 +55,7 @@ from dist_seg.errors import UserError
 GOAL_DATA_RATIO = 10.0  # streaming loader vs seed-style, per core (issue "Speed")
 GOAL_TRAINER_OVERHEAD_PCT = 5.0  # real trainer step vs bare step
 ENCODINGS = ("raw", "jpeg")
+RESTART = "raw, restart"  # raw with persistent_workers off: new workers every epoch
 REAL_TRAIN_SAMPLES = 3312  # the real train split (trainval lines with index % 10 != 0)
 
 # Dense peak TFLOP/s of one GPU from the vendors' data sheets: (name part, bf16, tf32); the
@@ -94,7 +95,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--epoch-samples", type=int, default=REAL_TRAIN_SAMPLES,
                    help="samples per epoch: the train split is gone over as often as it "
                    "takes (default: the real train split's size)")  # fmt: skip
-    d.add_argument("--epochs", type=int, default=1, help="epochs per measurement")
+    d.add_argument("--epochs", type=int, default=2, help="epochs per measurement")
     d.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the best is kept")
     t.add_argument("--model", default="unet", choices=("unet", "resnet34_unet"))
     t.add_argument("--width", type=float, default=1.0)
@@ -250,15 +251,27 @@ class SeedStyleDataset(torch.utils.data.Dataset):
 
 
 def cpu_seconds() -> float:
-    """User + system CPU time of this process and of its reaped children (loader workers
-    are joined at the end of each epoch)."""
+    """User + system CPU time of this process and of all its children: the reaped ones
+    (getrusage) and the live ones (/proc: persistent loader workers are never reaped)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)  # fmt: skip
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime + _live_children()
+
+
+def _live_children() -> float:
+    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+    for task in Path("/proc/self/task").glob("*/children"):
+        for pid in task.read_text().split():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # exited meanwhile: getrusage counts it once reaped
+                continue
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
 
 
 def time_epochs(epoch_batches, epochs: int) -> dict:
-    """Read ``epochs`` whole epochs (``epoch_batches(e)`` -> batches), worker start included:
-    the loaders re-create their workers every epoch, and a trainer waits for that too.
+    """Read ``epochs`` whole epochs (``epoch_batches(e)`` -> batches) of a new loader, worker
+    start included (a trainer waits for it too; persistent workers start only once).
     Also the CPU time all processes spent: other load on the machine inflates wall time
     much more than it inflates CPU time."""
     samples = seconds = first = 0.0
@@ -297,9 +310,9 @@ def bench_data(args, work: Path) -> dict:
     copies = max(1, math.ceil(args.epoch_samples / len(names)))
     long = {e: repeat_train(m, copies) for e, m in manifests.items()}
 
-    def stream(encoding: str, w: int):
+    def stream(encoding: str, w: int, persistent: bool = True):
         loader = build_loader(long[encoding], "train", batch_size=args.batch, train=True,
-                              num_workers=w, size=args.size)  # fmt: skip
+                              num_workers=w, size=args.size, persistent_workers=persistent)  # fmt: skip
 
         def epoch(e):
             loader.set_epoch(e)
@@ -321,6 +334,8 @@ def bench_data(args, work: Path) -> dict:
         for _ in range(args.repeats):
             for w in workers:
                 kinds = {"seed": seed(w)} | {e: stream(e, w) for e in ENCODINGS}
+                if w:  # the persistent-workers switch, off: workers start again every epoch
+                    kinds[RESTART] = stream("raw", w, persistent=False)
                 for kind, epoch_batches in kinds.items():
                     got = time_epochs(epoch_batches, args.epochs)
                     old = best.setdefault((w, kind), got)
@@ -337,10 +352,11 @@ def bench_data(args, work: Path) -> dict:
     for w in workers:
         cores = max(1, w)
         row = {"workers": w, "cores_counted": cores}
-        for kind in ("seed", *ENCODINGS):
-            got = best[w, kind]
-            row[kind] = got | {"per_core": got["samples_per_s"] / cores}
-        for e in ENCODINGS:
+        for kind in ("seed", *ENCODINGS, RESTART):
+            if (w, kind) in best:
+                got = best[w, kind]
+                row[kind] = got | {"per_core": got["samples_per_s"] / cores}
+        for e in ENCODINGS + ((RESTART,) if w else ()):
             row[e]["ratio"] = row[e]["per_core"] / row["seed"]["per_core"]
             row[e]["ratio_cpu"] = row[e]["samples_per_cpu_s"] / row["seed"]["samples_per_cpu_s"]
         rows.append(row)
@@ -395,16 +411,15 @@ def profile_stages(
     import webdataset as wds
 
     from dist_seg.data.pack import decode_sample
-    from dist_seg.data.stream import ShardStream, collate
+    from dist_seg.data.stream import Segment, ShardStream, collate, read_segments
 
     shards = manifest.shards("train")
     shards = shards * math.ceil(min_samples / sum(s.num_samples for s in shards))
     n = sum(s.num_samples for s in shards)
     stage = ShardStream(shards, train=True, batch_size=batch, size=size)
 
-    def samples():
-        for shard in shards:
-            yield from wds.tarfile_samples(iter([{"url": shard.url}]))
+    def samples():  # as the loader reads them (by offset for local shards)
+        return read_segments(Segment(s, 0, s.num_samples) for s in shards)
 
     def shuffled():
         return wds.shuffle(stage.shuffle_buffer, stage.shuffle_buffer, rng=random.Random(0))(
@@ -425,7 +440,7 @@ def profile_stages(
             np.copyto(target, arrays[i % len(arrays)])
 
     steps = {
-        "tar read (webdataset tarfile_samples)": lambda: _drain(samples()),
+        "tar read (stream.read_segments)": lambda: _drain(samples()),
         "+ json.loads": lambda: _drain(json.loads(s["json"]) for s in samples()),
         "+ decode (pack.decode_sample)": lambda: _drain(map(decode_sample, samples())),
         "+ border LUT (ShardStream.to_arrays)": lambda: _drain(map(stage.to_arrays, samples())),
@@ -772,7 +787,9 @@ def print_data(result: dict) -> None:
                 "1st batch s"):  # fmt: skip
         table.add_column(col, justify="right")
     for row in result["results"]:
-        for kind in ("seed", *ENCODINGS):
+        for kind in ("seed", *ENCODINGS, RESTART):
+            if kind not in row:
+                continue
             r = row[kind]
             table.add_row(str(row["workers"]), kind, f"{r['samples_per_s']:.0f}",
                           f"{r['per_core']:.0f}", f"{r.get('ratio', 1):.2f}",

@@ -28,6 +28,8 @@ class DataConfig:
     flip: bool = True  # the seed's flips: horizontal and vertical, each p=0.5 per sample
     shuffle_buffer: int = 256
     num_workers: int = 2
+    persistent_workers: bool = True  # keep loader workers across epochs (no restart per epoch)
+    pin_memory: bool = True  # CUDA only: page-locked batches, copied with non_blocking=True
     train_split: str = "train"
     val_split: str = "val"
 

@@ -90,7 +90,8 @@ def run_evaluate(
         num_workers=num_workers,
         border=cfg.data.border,
         size=cfg.data.size,
-        pin_memory=accelerator.device.type == "cuda",
+        pin_memory=cfg.data.pin_memory and accelerator.device.type == "cuda",
+        persistent_workers=False,  # one pass
     )
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(accelerator.device, memory_format=memory_format)

@@ -152,7 +152,8 @@ class Trainer:
         raise_on_any_rank(acc, check_shards(self.manifest, splits, self.rank, self.world))
         common = dict(rank=self.rank, world_size=self.world, num_workers=cfg.data.num_workers,
                       border=cfg.data.border, size=cfg.data.size,
-                      pin_memory=acc.device.type == "cuda")  # fmt: skip
+                      pin_memory=cfg.data.pin_memory and acc.device.type == "cuda",
+                      persistent_workers=cfg.data.persistent_workers)  # fmt: skip
         self.train_loader = build_loader(
             self.manifest, cfg.data.train_split, batch_size=cfg.train.batch_size, train=True,
             seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer, **common,

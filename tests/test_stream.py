@@ -18,7 +18,7 @@ from conftest import COUNTS
 
 from dist_seg.data import pets
 from dist_seg.data.manifest import MANIFEST, check_shards, load_manifest
-from dist_seg.data.stream import build_loader
+from dist_seg.data.stream import border_mask, build_loader
 from dist_seg.errors import DataError, UserError
 
 
@@ -343,3 +343,50 @@ def test_shards_stream_from_http_urls(http_shards, workers):
     loader = build_loader(manifest, "test", batch_size=5, train=False, num_workers=workers)
     names = [n for batch in loader for n in batch["name"]]
     assert len(names) == len(set(names)) == manifest.num_samples("test") == loader.yielded
+
+
+# --- workers: persistent across epochs, batches through reused shared buffers -------------------
+@pytest.mark.parametrize("workers", [1, 2])
+def test_persistent_workers_follow_the_epoch_and_resume_point(manifest, workers):
+    kw = {"batch_size": 2, "num_workers": workers}
+    restarted = build_loader(manifest, "train", train=True, persistent_workers=False, **kw)
+    persistent = build_loader(manifest, "train", train=True, persistent_workers=True, **kw)
+    seen = {}
+    for epoch, skip in [(0, 0), (1, 0), (1, 5), (2, 3), (0, 0)]:
+        restarted.set_epoch(epoch, skip)
+        persistent.set_epoch(epoch, skip)
+        want = _batches(restarted)
+        assert _batches(persistent) == want, (epoch, skip)
+        seen[epoch, skip] = want
+    assert seen[0, 0] != seen[1, 0] != seen[2, 3]  # the workers did see new epochs
+    assert seen[1, 5] == seen[1, 0][5:]
+    assert persistent.loader._iterator is not None  # the same workers served every epoch
+    pids = {w.pid for w in persistent.loader._iterator._workers}
+    persistent.set_epoch(3)
+    _batches(persistent)
+    assert {w.pid for w in persistent.loader._iterator._workers} == pids
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batches_from_workers_stay_intact_while_held(manifest, train):
+    # Workers collate into a ring of 6 shared buffers each; the main process must copy every
+    # batch out, or batches held here would be overwritten by later ones.
+    split = "train" if train else "test"
+    kw = {"batch_size": 1, "train": train}
+    held = list(build_loader(manifest, split, num_workers=2, **kw))
+    assert len(held) > 2 * 6  # more batches than the buffers of both workers
+    alone = {b["name"][0]: b for b in build_loader(manifest, split, num_workers=0, **kw)}
+    assert sorted(b["name"][0] for b in held) == sorted(alone)  # (train: another order)
+    for a in held:
+        b = alone[a["name"][0]]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+        assert a["image"].stride() == b["image"].stride()  # channels-last in memory
+
+
+@pytest.mark.parametrize("border", pets.BORDER_POLICIES)
+def test_border_mask_matches_the_reference_policy(border):
+    trimap = torch.randint(1, 4, (37, 53), generator=torch.Generator().manual_seed(0)).numpy()
+    trimap = trimap.astype("uint8")
+    got = border_mask(trimap, border)
+    assert got.dtype == trimap.dtype and (got == pets.trimap_to_mask(trimap, border)).all()
+    assert set(got.ravel().tolist()) == ({0, 1, 255} if border == "ignore" else {0, 1})

@@ -15,10 +15,12 @@ How samples are assigned (DESIGN.md section 2 has the traps this avoids):
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import random
 import tarfile
+from collections import deque
 from dataclasses import dataclass
 from itertools import islice
 
@@ -118,18 +120,65 @@ def _samples(seg: Segment):
     return islice(wds.tarfile_samples(source), seg.start, seg.stop)
 
 
+def border_mask(trimap: np.ndarray, border: str) -> np.ndarray:
+    """pets.trimap_to_mask by bit arithmetic: 25x faster than its lookup table (2 us per
+    256 px sample instead of 53 us with np.take). Packed trimaps hold only 1 (pet),
+    2 (background) and 3 (border): pack checks every value."""
+    if border == "foreground":
+        return trimap & 1  # 1 -> 1, 2 -> 0, 3 -> 1
+    if border == "background":
+        return (trimap == 1).view(np.uint8)
+    return np.where(trimap == 3, np.uint8(pets.IGNORE_INDEX), trimap & 1)
+
+
 def is_complete(sample: dict) -> bool:
     return "json" in sample and (
         {"image.u8", "trimap.u8"} <= sample.keys() or {"image.jpg", "trimap.png"} <= sample.keys()
     )
 
 
-def collate(samples: list[tuple[str, np.ndarray, np.ndarray]]) -> dict:
-    """uint8 NHWC stacked, then viewed as NCHW: the batch is already channels-last in memory."""
+def collate(samples: list[tuple[str, np.ndarray, np.ndarray]], out=None) -> dict:
+    """uint8 NHWC stacked, then viewed as NCHW: the batch is already channels-last in memory.
+    ``out``: (images NHWC, masks NHW) uint8 tensors of at least len(samples) rows to fill."""
     names = [s[0] for s in samples]
-    images = torch.from_numpy(np.stack([s[1] for s in samples])).permute(0, 3, 1, 2)
-    masks = torch.from_numpy(np.stack([s[2] for s in samples]))
-    return {"name": names, "image": images, "mask": masks}
+    if out is None:
+        images = torch.from_numpy(np.stack([s[1] for s in samples]))
+        masks = torch.from_numpy(np.stack([s[2] for s in samples]))
+    else:
+        images, masks = out[0][: len(samples)], out[1][: len(samples)]
+        np.stack([s[1] for s in samples], out=images.numpy())
+        np.stack([s[2] for s in samples], out=masks.numpy())
+    return {"name": names, "image": images.permute(0, 3, 1, 2), "mask": masks}
+
+
+class BatchRing:
+    """A worker's batches go out through ``slots`` shared-memory buffers, reused in turn.
+
+    Written by hand because a DataLoader worker normally ships each batch as a new
+    shared-memory segment: one more copy, and page faults on both sides for every page of
+    it. That cost the raw loader about half its speed with workers (BENCHMARKS.md section
+    1). A buffer that is already shared goes by handle, and the main process keeps its
+    mapping (torch caches it while a reference is held; EpochLoader holds them). Safety:
+    the main process copies every batch out as it arrives (EpochLoader.__iter__), and a
+    worker never has more than prefetch_factor batches requested ahead of the one the main
+    process last copied, so a buffer used ``slots > prefetch_factor`` batches ago is free.
+    """
+
+    def __init__(self, slots: int):
+        self.slots, self.buffers, self.turn = slots, {}, 0
+
+    def next(self, batch_size: int, image_shape: tuple[int, ...], mask_shape: tuple[int, ...]):
+        key = (batch_size, image_shape, mask_shape)
+        if key not in self.buffers:
+            self.buffers[key] = [
+                (
+                    torch.empty((batch_size, *image_shape), dtype=torch.uint8).share_memory_(),
+                    torch.empty((batch_size, *mask_shape), dtype=torch.uint8).share_memory_(),
+                )
+                for _ in range(self.slots)
+            ]
+        self.turn += 1
+        return self.buffers[key][self.turn % self.slots]
 
 
 class ShardStream(IterableDataset):
@@ -154,9 +203,27 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.border, self.size, self.shuffle_buffer = border, size, shuffle_buffer
         self.num_total = sum(s.num_samples for s in shards)
-        self.epoch, self.skip_batches, self.num_workers = 0, 0, 1
-        self.lut = np.zeros(256, np.uint8)  # trimap value -> mask value under the policy
-        self.lut[[1, 2, 3]] = pets.trimap_to_mask(np.array([1, 2, 3], np.uint8), border)
+        self.num_workers = 1
+        # Epoch and resume point, shared with persistent workers (EpochLoader replaces it
+        # with shared memory): set in the main process before each epoch's iteration.
+        self.position = [0, 0]
+        self.ring_slots = 0  # > 0: collate into a BatchRing of that many slots (workers only)
+
+    @property
+    def epoch(self) -> int:
+        return self.position[0]
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.position[0] = value
+
+    @property
+    def skip_batches(self) -> int:
+        return self.position[1]
+
+    @skip_batches.setter
+    def skip_batches(self, value: int) -> None:
+        self.position[1] = value
 
     # --- the plan: which samples this rank and worker read this epoch -------------------
     def rank_range(self) -> tuple[int, int]:
@@ -201,7 +268,7 @@ class ShardStream(IterableDataset):
         name, image, trimap = decode_sample(sample)
         if self.size and image.shape[:2] != (self.size, self.size):
             image, trimap = pets.resize_pair(image, trimap, self.size)
-        return name, image, np.take(self.lut, trimap)  # ~2x faster than fancy indexing
+        return name, image, border_mask(trimap, self.border)
 
     def __iter__(self):
         info = get_worker_info()
@@ -215,12 +282,28 @@ class ShardStream(IterableDataset):
             else _identity,  # shuffle raw bytes: cheap to skip on resume, no decode
             _skip(skip * self.batch_size),  # resume mid-epoch: drop what was consumed
             wds.map(self.to_arrays),  # -> (name, image HxWx3 uint8, mask HxW uint8)
-            wds.batched(self.batch_size, collation_fn=collate, partial=not self.train),
+            self._batches(shared=info is not None and self.ring_slots > 0),
         ]
         data = iter(segs)
         for stage in stages:
             data = stage(data)
         return data
+
+    def _batches(self, shared: bool):
+        if not shared:
+            return wds.batched(self.batch_size, collation_fn=collate, partial=not self.train)
+        if getattr(self, "_ring", None) is None:  # one per worker process, kept across epochs
+            self._ring = BatchRing(self.ring_slots)
+
+        def batches(data):
+            while chunk := list(islice(data, self.batch_size)):
+                if len(chunk) < self.batch_size and self.train:
+                    return
+                _, image, mask = chunk[0]
+                out = self._ring.next(self.batch_size, image.shape, mask.shape)
+                yield collate(chunk, out)
+
+        return batches
 
 
 def _identity(data):
@@ -231,10 +314,29 @@ def _skip(n: int):
     return lambda data: islice(data, n, None)
 
 
+TUNE_MALLOC = True  # a module switch, for the benchmark's with/without comparison
+
+
+def keep_buffers_on_heap(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: glibc gives every allocation over its mmap threshold a
+    fresh mmap and unmaps it when freed, so every 4 MB read chunk and every batch buffer
+    page-faults on all its pages. Raising that threshold to glibc's ceiling (32 MB), and the
+    heap trim threshold with it, keeps them on the heap and reused: 25-30% more samples/s
+    (BENCHMARKS.md section 1). Only in workers, which hold nothing but data."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, macOS): nothing to tune
+        return
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
+
+
 class EpochLoader:
     """A DataLoader over a ShardStream that knows its epoch, its length and what it yielded."""
 
-    def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool):
+    def __init__(
+        self, stream: ShardStream, num_workers: int, pin_memory: bool, persistent: bool = True
+    ):
         stream.num_workers = max(1, num_workers)
         self.stream = stream
         context = None
@@ -244,16 +346,27 @@ class EpochLoader:
             # from a clean, single-threaded process instead.
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(["dist_seg.data.stream"])
-        # Workers are re-created every epoch (not persistent): each must see the new epoch.
+        prefetch = 4
+        self.shared = num_workers > 0
+        if self.shared:
+            # Persistent workers read each epoch's number from here, not from the copy of
+            # the stream they were started with.
+            stream.position = (context or multiprocessing).RawArray("q", 2)
+            stream.ring_slots = prefetch + 2  # > prefetch: see BatchRing
         self.loader = DataLoader(
             stream,
+            worker_init_fn=keep_buffers_on_heap if TUNE_MALLOC else None,
             batch_size=None,
             num_workers=num_workers,
             pin_memory=pin_memory,
-            prefetch_factor=4 if num_workers else None,
+            prefetch_factor=prefetch if num_workers else None,
+            persistent_workers=persistent and num_workers > 0,
             multiprocessing_context=context,
         )
         self.yielded = 0  # samples this rank received in the last (or current) epoch
+        # The last ring buffers received, one per slot of every worker: while they are
+        # held, torch maps each shared buffer once instead of once per batch.
+        self._held: deque = deque(maxlen=stream.ring_slots * max(1, num_workers))
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         if skip_batches > self.stream.num_batches():
@@ -269,6 +382,9 @@ class EpochLoader:
     def __iter__(self):
         self.yielded = 0
         for batch in self.loader:
+            if self.shared and not batch["image"].is_pinned():  # pinning copied it already
+                self._held.append(batch)
+                batch = {**batch, "image": batch["image"].clone(), "mask": batch["mask"].clone()}
             self.yielded += len(batch["name"])
             yield batch
 
@@ -287,6 +403,7 @@ def build_loader(
     size: int = 0,
     shuffle_buffer: int = 256,
     pin_memory: bool = False,
+    persistent_workers: bool = True,
 ) -> EpochLoader:
     """The one place a split becomes batches for this rank. See the module docstring.
     Check the shards first (manifest.check_shards): this reads them as the manifest says."""
@@ -315,4 +432,4 @@ def build_loader(
             f"split {split!r} has {total} samples, fewer than processes x batch size "
             f"({world_size} x {batch_size}); lower the batch size or the process count"
         )
-    return EpochLoader(stream, num_workers, pin_memory)
+    return EpochLoader(stream, num_workers, pin_memory, persistent_workers)
