@@ -55,7 +55,8 @@ from dist_seg.errors import UserError
 GOAL_DATA_RATIO = 10.0  # streaming loader vs seed-style, per core (issue "Speed")
 GOAL_TRAINER_OVERHEAD_PCT = 5.0  # real trainer step vs bare step
 ENCODINGS = ("raw", "jpeg")
-RESTART = "raw, restart"  # raw with persistent_workers off: new workers every epoch
+RESTART = "raw, restart"
+BENCHMARK_OFF = "bare, cudnn.benchmark and TF32 matmul off"  # raw with persistent_workers off: new workers every epoch
 REAL_TRAIN_SAMPLES = 3312  # the real train split (trainval lines with index % 10 != 0)
 
 # Dense peak TFLOP/s of one GPU from the vendors' data sheets: (name part, bf16, tf32); the
@@ -74,10 +75,8 @@ PEAK_TFLOPS = (
 
 
 # --- command line -------------------------------------------------------------------------------
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "bench", help="speed: streaming loader vs per-file loader; train step vs seed step"
-    )
+def add_parser(subparsers, help_text: str) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help=help_text)
     sub = p.add_subparsers(dest="what", required=True, metavar="{data,train}")
     d = sub.add_parser("data", help="samples/s per core: streaming loader vs seed-style loader")
     t = sub.add_parser("train", help="images/s of a train step vs the seed's; trainer overhead")
@@ -104,6 +103,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=("no", "bf16"), help="default: bf16 on GPU, else no")
     t.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     t.add_argument("--compile", action="store_true")
+    t.add_argument("--switches", action="store_true", help="also time the step with each "
+                   "fast-path switch flipped, one at a time (precision, channels-last, compile, "
+                   "device flips; on a GPU also fp16 and cudnn.benchmark)")  # fmt: skip
     t.add_argument("--warmup", type=int, default=2, help="untimed steps per measurement")
     t.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
     t.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the best is kept")
@@ -119,7 +121,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 DATA_FLAGS = ("work", "num_images", "size", "shard_size", "epoch_samples", "batch", "workers",
               "epochs", "repeats", "json")  # fmt: skip
 TRAIN_FLAGS = ("work", "num_images", "size", "shard_size", "model", "width", "stem_pool",
-               "batch", "precision", "channels_last", "compile", "warmup", "steps", "repeats",
+               "batch", "precision", "channels_last", "compile", "switches", "warmup", "steps", "repeats",
                "workers", "threads", "trainer", "peak_tflops", "json")  # fmt: skip
 
 
@@ -635,7 +637,7 @@ def _wandb_disabled():
 def bench_train(args, work: Path) -> dict:
     from dist_seg.data.manifest import load_manifest
     from dist_seg.data.stream import build_loader
-    from dist_seg.data.transforms import to_device
+    from dist_seg.data.transforms import random_flips, to_device
     from dist_seg.models import build_model
     from dist_seg.train import loss_fn
 
@@ -667,20 +669,39 @@ def bench_train(args, work: Path) -> dict:
         seed_opt.step()
         loss.item()
 
-    # The configured bare step: the trainer's model set-up and loss on preloaded tensors.
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    bare_model = build().to(memory_format=memory_format)
-    bare_opt = torch.optim.Adam(bare_model.parameters(), lr=1e-4)
-    step_model = torch.compile(bare_model) if args.compile else bare_model
-    bare_x = images.contiguous(memory_format=memory_format)
+    def make_step(precision: str, channels_last: bool, compile_: bool, flips: bool = False):
+        """A bare step: the trainer's model set-up and loss on preloaded tensors."""
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        model = build().to(memory_format=memory_format)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        step_model = torch.compile(model) if compile_ else model
+        x = images.contiguous(memory_format=memory_format)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        coins = torch.Generator().manual_seed(0)
 
-    def bare_step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits = step_model(bare_x)
-        loss, _ = loss_fn(logits, masks, "bce")
-        loss.backward()
-        bare_opt.step()
-        bare_opt.zero_grad(set_to_none=True)
+        def step():
+            xb, yb = random_flips(x, masks, coins) if flips else (x, masks)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=bool(dtype)):
+                logits = step_model(xb)
+            loss, _ = loss_fn(logits, yb, "bce")
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step, model, optimizer
+
+    # The configured step, then (--switches) the same with one fast-path switch flipped each.
+    cl, comp = args.channels_last, args.compile
+    steps = [("seed", seed_step, seed_model, seed_opt), ("bare", *make_step(precision, cl, comp))]
+    if args.switches:
+        for other in ("no", "bf16") + (("fp16",) if device.type == "cuda" else ()):
+            if other != precision:
+                steps.append((f"bare, precision {other}", *make_step(other, cl, comp)))
+        steps.append((f"bare, channels_last {not cl}", *make_step(precision, not cl, comp)))
+        steps.append((f"bare, compile {not comp}", *make_step(precision, cl, not comp)))
+        steps.append(("bare + flips on the device", *make_step(precision, cl, comp, flips=True)))
+        if device.type == "cuda":
+            steps.append((BENCHMARK_OFF, *make_step(precision, cl, comp)))
 
     flops = count_flops(seed_model, seed_x, seed_y)  # the same for every variant
     peak = peak_tflops(device, precision, args.peak_tflops)
@@ -708,9 +729,8 @@ def bench_train(args, work: Path) -> dict:
                 real_trainer(args, shards, work, precision, device)
             )
         for r in range(args.repeats):  # interleaved rounds; the seed and bare steps warm up once
-            for name, step, model, opt in (("seed", seed_step, seed_model, seed_opt),
-                                           ("bare", bare_step, bare_model, bare_opt)):  # fmt: skip
-                speed_switches(name == "bare")
+            for name, step, model, opt in steps:
+                speed_switches(name not in ("seed", BENCHMARK_OFF))
                 if r == 0:
                     t0 = time.perf_counter()
                     for _ in range(args.warmup):
@@ -745,6 +765,7 @@ def bench_train(args, work: Path) -> dict:
             "precision": precision,
             "channels_last": args.channels_last,
             "compile": args.compile,
+            "switches": args.switches,
             "warmup": args.warmup,
             "steps": args.steps,
             "repeats": args.repeats,
@@ -833,15 +854,16 @@ def print_train(result: dict) -> None:
                   f"{cfg['batch']}, {cfg['steps']} timed steps after {cfg['warmup']}, "
                   f"on {cfg['device']}", title_justify="left")  # fmt: skip
     for col in ("", "ms/step", "ms/image", "images/s", "TFLOP/s", "MFU", "peak GiB", "x seed",
-                "worst round", "CPU ms/step"):  # fmt: skip
+                "x bare", "worst round", "CPU ms/step"):  # fmt: skip
         table.add_column(col, justify="right")
     seed_s = result["variants"]["seed"]["step_s"]
+    bare_s = result["variants"]["bare"]["step_s"]
     for key, v in result["variants"].items():
         table.add_row(key, f"{1e3 * v['step_s']:.1f}", f"{v['ms_per_image']:.1f}",
                       f"{v['images_per_s']:.1f}", f"{v['tflops']:.3f}",
                       f"{100 * v['mfu']:.1f}%" if v["mfu"] is not None else "-",
                       f"{v['peak_mem_gib']:.2f}" if v["peak_mem_gib"] is not None else "-",
-                      f"{seed_s / v['step_s']:.2f}",
+                      f"{seed_s / v['step_s']:.2f}", f"{bare_s / v['step_s']:.2f}",
                       f"{max(v['rounds_step_s']) / v['step_s']:.2f}x",
                       f"{1e3 * v['cpu_step_s']:.1f}")  # fmt: skip
     console.print(table)
@@ -861,8 +883,10 @@ def print_train(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:  # python -m dist_seg.bench, before the CLI knows it
+    from dist_seg.cli import add_plugin
+
     parser = argparse.ArgumentParser(prog="dist-seg")
-    add_parser(parser.add_subparsers(dest="command", required=True))
+    add_plugin(parser.add_subparsers(dest="command", required=True), "bench")
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -10,7 +10,19 @@ from pathlib import Path
 
 from dist_seg.errors import UserError
 
-PLUGINS: tuple[str, ...] = ("dist_seg.compare", "dist_seg.bench", "dist_seg.export")
+# Commands in their own modules: name -> (module, help). A module is imported only when its
+# command is the one run (or for a parser of every command): bench and export import torch,
+# compare matplotlib, which would add seconds to every other command.
+PLUGINS: dict[str, tuple[str, str]] = {
+    "compare": ("dist_seg.compare", "overlay runs' loss and Dice curves and tabulate their best epochs"),
+    "bench": ("dist_seg.bench", "speed: streaming loader vs per-file loader; train step vs seed step"),
+    "export": ("dist_seg.export", "a checkpoint as ONNX or TorchScript (dynamic batch and size), checked"),
+}  # fmt: skip
+
+
+def add_plugin(sub, name: str) -> None:
+    module, help_text = PLUGINS[name]
+    importlib.import_module(module).add_parser(sub, help_text)  # sets func=run
 
 
 def _add_train(sub) -> None:
@@ -74,7 +86,10 @@ def _legacy_overrides(args) -> dict:
     return over
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser; given ``argv``, plugin commands other than the one chosen are
+    placeholders (their help only), and their modules are not imported."""
+    chosen = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
     parser = argparse.ArgumentParser(prog="dist-seg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -119,8 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="an image or a directory of images")
     p.add_argument("--out", required=True)
 
-    for module in PLUGINS:  # commands that register themselves: add_parser(sub) -> func=run
-        importlib.import_module(module).add_parser(sub)
+    for name, (_, help_text) in PLUGINS.items():
+        if argv is None or name == chosen:
+            add_plugin(sub, name)
+        else:
+            sub.add_parser(name, help=help_text)
 
     p = sub.add_parser("demo", help="synthesize, pack, train a small model on CPU, evaluate")
     p.add_argument("--out", default="runs/demo")
@@ -129,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     if getattr(args, "func", None) is not None:
         return args.func(args) or 0
     if args.command == "synth":

@@ -16,10 +16,8 @@ from dist_seg.errors import UserError
 from dist_seg.viz import plot_compare
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "compare", help="overlay runs' loss and Dice curves and tabulate their best epochs"
-    )
+def add_parser(subparsers, help_text: str) -> None:
+    p = subparsers.add_parser("compare", help=help_text)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (runs/NAME)")
     p.add_argument("--out", default="compare.png", help="figure to write (default: compare.png)")
     p.set_defaults(func=run)

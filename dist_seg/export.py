@@ -65,10 +65,8 @@ REAL_IMAGES = 4  # real-layout check: the first readable images of the test spli
 SYNTH_IMAGES, SYNTH_SEED = 8, 0  # without --check-data: 4 test images (PNG RGB/RGBA, JPEG)
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "export", help="a checkpoint as ONNX or TorchScript (dynamic batch and size), checked"
-    )
+def add_parser(subparsers, help_text: str) -> None:
+    p = subparsers.add_parser("export", help=help_text)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="file to write; FILE.json gets the check report")

@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from dist_seg import bench
+from dist_seg.cli import add_plugin
 from dist_seg.data import pets
 from dist_seg.errors import UserError
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dist-seg")
-    bench.add_parser(parser.add_subparsers(dest="command", required=True))
+    add_plugin(parser.add_subparsers(dest="command", required=True), "bench")
     return parser.parse_args(argv)
 
 

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from dist_seg import compare
+from dist_seg.cli import add_plugin
 from dist_seg.config import load_config
 from dist_seg.errors import UserError
 
@@ -78,7 +79,7 @@ def test_run_without_history_is_a_user_error_naming_it(tmp_path):
 
 def test_add_parser_sets_run_as_the_command(tmp_path):
     parser = argparse.ArgumentParser()
-    compare.add_parser(parser.add_subparsers(dest="command"))
+    add_plugin(parser.add_subparsers(dest="command"), "compare")
     args = parser.parse_args(["compare", "runs/a", "runs/b", "--out", "x.png"])
     assert args.func is compare.run and args.runs == ["runs/a", "runs/b"] and args.out == "x.png"
 

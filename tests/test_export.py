@@ -11,12 +11,12 @@ import torch
 
 from dist_seg import export
 from dist_seg.checkpoint import model_from_checkpoint, model_from_config, save_checkpoint
-from dist_seg.cli import main
+from dist_seg.cli import add_plugin, main
 from dist_seg.config import load_config
 from dist_seg.data.pets import load_sample, read_split
 from dist_seg.data.synth import make_synthetic
 from dist_seg.errors import UserError
-from dist_seg.export import add_parser, export_checkpoint, exported_size, load_exported
+from dist_seg.export import export_checkpoint, exported_size, load_exported
 from dist_seg.models.pretrained import normalize_imagenet
 from dist_seg.predict import predict_mask
 
@@ -103,7 +103,7 @@ def test_onnx_metadata_props(tmp_path):
 def test_cli_subcommand(tmp_path, fmt, capsys):
     _needs(fmt)
     parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="command"))
+    add_plugin(parser.add_subparsers(dest="command"), "export")
     out = tmp_path / f"unet.{fmt}"
     args = parser.parse_args(["export", "--checkpoint", str(make_checkpoint(tmp_path / "c.pt",
                               "unet")), "--format", fmt, "--out", str(out)])  # fmt: skip
