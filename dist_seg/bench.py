@@ -2,7 +2,7 @@
 
 ``bench data``: a synthetic Oxford-IIIT Pet (made once under ``--work``) is packed at
 ``--size`` in both encodings and read by the streaming loader (``build_loader(train=True)``:
-tar read, decode, border LUT, collate) and by a seed-style per-file loader (the course
+tar read, decode, border mask, collate) and by a seed-style per-file loader (the course
 template's Dataset: PIL opens the full-size JPEG and the trimap PNG and resizes every
 sample; the DataLoader's default collate), over the same train images with the same worker
 counts, interleaved in one run. Flips are in neither: dist_seg flips on the device in the
@@ -445,7 +445,7 @@ def profile_stages(
         "tar read (stream.read_segments)": lambda: _drain(samples()),
         "+ json.loads": lambda: _drain(json.loads(s["json"]) for s in samples()),
         "+ decode (pack.decode_sample)": lambda: _drain(map(decode_sample, samples())),
-        "+ border LUT (ShardStream.to_arrays)": lambda: _drain(map(stage.to_arrays, samples())),
+        "+ border mask (ShardStream.to_arrays)": lambda: _drain(map(stage.to_arrays, samples())),
         "+ collate (stream.collate)": lambda: _drain(batches(samples())),
         "+ shuffle buffer (wds.shuffle, as the loader)": lambda: _drain(batches(shuffled())),
         "memory copy of a decoded sample (floor)": copy_floor,

@@ -73,7 +73,8 @@ def test_bench_data_json_is_complete_and_consistent(work, tmp_path, capsys):
             assert got["samples_per_s"] > 0 and got["first_batch_s"] > 0
             assert got["samples_per_cpu_s"] > 0
             assert close(got["per_core"], got["samples_per_s"] / cores)
-        for enc in ("raw", "jpeg"):
+        assert (bench.RESTART in row) == (row["workers"] > 0)  # persistent workers off
+        for enc in ("raw", "jpeg") + ((bench.RESTART,) if row["workers"] else ()):
             assert close(row[enc]["ratio"], row[enc]["per_core"] / row["seed"]["per_core"])
             assert close(
                 row[enc]["ratio"], row[enc]["samples_per_s"] / row["seed"]["samples_per_s"]
@@ -132,6 +133,22 @@ def test_bench_train_other_model_bf16_without_trainer(work, tmp_path, one_thread
     assert set(r["variants"]) == {"seed", "bare"} and "trainer_overhead_pct" not in r
     assert r["config"]["precision"] == "bf16" and r["config"]["channels_last"] is False
     assert r["config"]["stem_pool"] is True and r["flops_per_image"] > 0
+
+
+@pytest.mark.slow  # one torch.compile
+def test_bench_train_switches_flip_one_switch_each(work, tmp_path, one_thread):
+    r = run_bench(["train", "--work", str(work), *TINY_TRAIN, "--steps", "1", "--switches",
+                   "--no-trainer", "--repeats", "1"], tmp_path / "t.json")  # fmt: skip
+    assert r["config"]["switches"] is True
+    assert set(r["variants"]) == {
+        "seed",
+        "bare",
+        "bare, precision bf16",
+        "bare, channels_last False",
+        "bare, compile True",
+        "bare + flips on the device",
+    }  # CPU: no fp16 and no cudnn variants
+    assert all(v["step_s"] > 0 for v in r["variants"].values())
 
 
 @pytest.mark.parametrize(
