@@ -103,7 +103,7 @@ def read_segments(segs) -> object:
             )
 
 
-_OFFSETS: dict[tuple, list[int] | None] = {}  # (path, size, mtime) -> sample offsets
+_OFFSETS: dict[str, tuple] = {}  # path -> ((size, mtime), sample offsets or None)
 
 
 def _samples(seg: Segment):
@@ -111,11 +111,12 @@ def _samples(seg: Segment):
     url = seg.shard.url
     if not is_url(url):
         stat = os.stat(url)
-        key = (url, stat.st_size, stat.st_mtime_ns)
-        if key not in _OFFSETS:
-            _OFFSETS[key] = tarread.sample_offsets(url)
-        if _OFFSETS[key] is not None:
-            return tarread.read_samples(url, _OFFSETS[key], seg.start, seg.stop)
+        version = (stat.st_size, stat.st_mtime_ns)  # a repacked shard is indexed again
+        if _OFFSETS.get(url, (None,))[0] != version:
+            _OFFSETS[url] = (version, tarread.sample_offsets(url))
+        offsets = _OFFSETS[url][1]
+        if offsets is not None:
+            return tarread.read_samples(url, offsets, seg.start, seg.stop)
     source = iter([{"url": url}])
     return islice(wds.tarfile_samples(source), seg.start, seg.stop)
 
@@ -158,10 +159,17 @@ class BatchRing:
     shared-memory segment: one more copy, and page faults on both sides for every page of
     it. That cost the raw loader about half its speed with workers (BENCHMARKS.md section
     1). A buffer that is already shared goes by handle, and the main process keeps its
-    mapping (torch caches it while a reference is held; EpochLoader holds them). Safety:
-    the main process copies every batch out as it arrives (EpochLoader.__iter__), and a
-    worker never has more than prefetch_factor batches requested ahead of the one the main
-    process last copied, so a buffer used ``slots > prefetch_factor`` batches ago is free.
+    mapping (torch caches it while a reference is held; EpochLoader holds them).
+
+    Why a buffer is free when it comes round again: the main process copies every batch
+    out as it arrives (EpochLoader.__iter__). The DataLoader keeps prefetch_factor x W
+    batch requests out, handed to workers in turn, so a worker holds at most
+    prefetch_factor of them; it asks for the next one just before handing a batch over,
+    before the copy, hence ``slots >= prefetch_factor + 2``. When a worker runs dry its
+    requests go to the others, but every plan here gives workers batch counts that differ
+    by at most one (ShardStream.worker_plan), so that adds no batch to a ring in use.
+    Memory: ``slots`` batches of /dev/shm per worker, about what torch's own transfer
+    holds in flight.
     """
 
     def __init__(self, slots: int):
@@ -315,6 +323,7 @@ def _skip(n: int):
 
 
 TUNE_MALLOC = True  # a module switch, for the benchmark's with/without comparison
+PREFETCH = 2  # batches requested ahead per worker: one raw worker makes ~300 batches/s
 
 
 def keep_buffers_on_heap(worker_id: int = 0) -> None:
@@ -346,7 +355,7 @@ class EpochLoader:
             # from a clean, single-threaded process instead.
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(["dist_seg.data.stream"])
-        prefetch = 4
+        prefetch = PREFETCH
         self.shared = num_workers > 0
         if self.shared:
             # Persistent workers read each epoch's number from here, not from the copy of
@@ -369,6 +378,7 @@ class EpochLoader:
         self._held: deque = deque(maxlen=stream.ring_slots * max(1, num_workers))
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Call before iterating: workers read the epoch when the iteration starts them."""
         if skip_batches > self.stream.num_batches():
             raise UserError(
                 f"cannot resume at batch {skip_batches} of an epoch of "
@@ -381,12 +391,16 @@ class EpochLoader:
 
     def __iter__(self):
         self.yielded = 0
-        for batch in self.loader:
-            if self.shared and not batch["image"].is_pinned():  # pinning copied it already
-                self._held.append(batch)
-                batch = {**batch, "image": batch["image"].clone(), "mask": batch["mask"].clone()}
-            self.yielded += len(batch["name"])
-            yield batch
+        try:
+            for batch in self.loader:
+                if self.shared and not batch["image"].is_pinned():  # pinning copied it
+                    self._held.append(batch)
+                    batch = {**batch, "image": batch["image"].clone(), "mask": batch["mask"].clone()}  # fmt: skip
+                self.yielded += len(batch["name"])
+                yield batch
+        finally:
+            if not self.loader.persistent_workers:  # their rings go with them: unmap
+                self._held.clear()
 
 
 def build_loader(
