@@ -7,8 +7,10 @@ template's Dataset: PIL opens the full-size JPEG and the trimap PNG and resizes 
 sample; the DataLoader's default collate), over the same train images with the same worker
 counts, interleaved in one run. Flips are in neither: dist_seg flips on the device in the
 train step (``transforms.random_flips``). Figures:
-  * samples/s over whole epochs, worker start included (both loaders re-create their
-    workers every epoch). An epoch goes over the synthetic train split as many times as it
+  * samples/s over ``--epochs`` whole epochs of a new loader, worker start included (the
+    streaming loader keeps its workers across epochs, as the trainer does; the seed's
+    re-creates them every epoch; a "raw, restart" row times the streaming loader with
+    persistent workers off). An epoch goes over the synthetic train split as many times as it
     takes to be as long as the real one (``--epoch-samples``, 3,312), so the per-epoch
     costs weigh what they weigh on the real set.
   * per core = samples/s / max(1, workers): the workers are counted, not the main process
@@ -19,7 +21,8 @@ The data bench runs torch with one intra-op thread, as DataLoader workers do. Pa
 warm for both loaders (the synthetic files and shards were just written or read).
 
 ``bench train``: images/s of one training step of ``--model`` on a preloaded batch, the
-configured "bare" step (precision, channels-last, compile; dist_seg's loss) against a
+configured "bare" step (precision, channels-last, compile; dist_seg's loss; with
+``--switches`` also the same step with each fast-path switch flipped in turn) against a
 seed-style step (fp32, contiguous, ``BCEWithLogitsLoss``, ``loss.backward();
 optimizer.step()``) of the same model; FLOPs of one forward + backward from
 ``FlopCounterMode``, MFU and peak memory on a GPU. Then the real trainer
