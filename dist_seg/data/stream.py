@@ -323,14 +323,14 @@ def _skip(n: int):
 
 
 TUNE_MALLOC = True  # a module switch, for the benchmark's with/without comparison
-PREFETCH = 2  # batches requested ahead per worker: one raw worker makes ~300 batches/s
+PREFETCH = 2  # batches requested ahead per worker: one raw worker makes ~400 batches of 16 a second
 
 
 def keep_buffers_on_heap(worker_id: int = 0) -> None:
     """DataLoader worker_init_fn: glibc gives every allocation over its mmap threshold a
     fresh mmap and unmaps it when freed, so every 4 MB read chunk and every batch buffer
     page-faults on all its pages. Raising that threshold to glibc's ceiling (32 MB), and the
-    heap trim threshold with it, keeps them on the heap and reused: 25-30% more samples/s
+    heap trim threshold with it, keeps them on the heap and reused: 12-28% more samples/s
     (BENCHMARKS.md section 1). Only in workers, which hold nothing but data."""
     try:
         libc = ctypes.CDLL("libc.so.6")
