@@ -58,8 +58,8 @@ from dist_seg.errors import UserError
 GOAL_DATA_RATIO = 10.0  # streaming loader vs seed-style, per core (issue "Speed")
 GOAL_TRAINER_OVERHEAD_PCT = 5.0  # real trainer step vs bare step
 ENCODINGS = ("raw", "jpeg")
-RESTART = "raw, restart"
-BENCHMARK_OFF = "bare, cudnn.benchmark and TF32 matmul off"  # raw with persistent_workers off: new workers every epoch
+RESTART = "raw, restart"  # raw with persistent_workers off: new workers every epoch
+BENCHMARK_OFF = "bare, cudnn.benchmark and TF32 matmul off"  # a GPU-only --switches variant
 REAL_TRAIN_SAMPLES = 3312  # the real train split (trainval lines with index % 10 != 0)
 
 # Dense peak TFLOP/s of one GPU from the vendors' data sheets: (name part, bf16, tf32); the

@@ -2,12 +2,12 @@
 
 Encoding, chosen by measurement: `dist-seg bench data --work /tmp/bw` (other options at their
 defaults; BENCHMARKS.md section 1: 2-core AMD EPYC, torch 2.13 CPU, 256x256, synthetic set,
-one process, 2026-11-25) measured
-  raw uint8 arrays  264 KB/sample on disk; decode (np.frombuffer) ~7 us, tar read + decode
-                    ~4,700 samples/s, the whole train loader ~2,600 samples/s
-  JPEG q95 + PNG     35 KB/sample on disk; decode ~770 us, tar read + decode
-                    ~1,150 samples/s, the whole train loader ~920 samples/s
-  (the seed's per-file loader, full-size JPEG + PNG and resize: ~350 samples/s)
+one process, 2026-11-25 03:53 UTC) measured
+  raw uint8 arrays  264 KB/sample on disk; decode (np.frombuffer) ~1 us, tar read + decode
+                    ~17,000 samples/s, the whole train loader ~8,500 samples/s
+  JPEG q95 + PNG     35 KB/sample on disk; decode ~680 us, tar read + decode
+                    ~1,400 samples/s, the whole train loader ~1,160 samples/s
+  (the seed's per-file loader, full-size JPEG + PNG and resize: ~355 samples/s)
 Decode is what bounds a data worker, so "raw" is the default. "jpeg" is there for shared
 file systems where 7.5x less disk and I/O matters more.
 """

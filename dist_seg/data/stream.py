@@ -298,20 +298,16 @@ class ShardStream(IterableDataset):
         return data
 
     def _batches(self, shared: bool):
-        if not shared:
-            return wds.batched(self.batch_size, collation_fn=collate, partial=not self.train)
-        if getattr(self, "_ring", None) is None:  # one per worker process, kept across epochs
-            self._ring = BatchRing(self.ring_slots)
+        collation = collate
+        if shared:
+            if getattr(self, "_ring", None) is None:  # one per worker process, kept across epochs
+                self._ring = BatchRing(self.ring_slots)
 
-        def batches(data):
-            while chunk := list(islice(data, self.batch_size)):
-                if len(chunk) < self.batch_size and self.train:
-                    return
+            def collation(chunk):
                 _, image, mask = chunk[0]
-                out = self._ring.next(self.batch_size, image.shape, mask.shape)
-                yield collate(chunk, out)
+                return collate(chunk, self._ring.next(self.batch_size, image.shape, mask.shape))
 
-        return batches
+        return wds.batched(self.batch_size, collation_fn=collation, partial=not self.train)
 
 
 def _identity(data):
