@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from helpers import tiny_config
 from PIL import Image
 
 from dist_seg.checkpoint import load_checkpoint
 from dist_seg.data.manifest import MANIFEST, load_manifest, verify_shards
 from dist_seg.train import train
-from tests.test_train import tiny_config
 
 TRAIN = "Abyssinian_2"  # a plain JPEG of the train split (line 2 of trainval.txt)
 TINY = ["--set", "data.size=32", "--set", "data.num_workers=0", "--set", "model.width=0.0625",

@@ -4,49 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import TINY, free_port, launch, run_cli
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-
-TINY = [
-    "--set", "data.size=32",
-    "--set", "data.num_workers=1",
-    "--set", "model.width=0.0625",
-    "--set", "train.batch_size=4",
-    "--set", "train.precision=no",
-    "--set", "optim.lr=0.003",
-]  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(
-    nproc: int, args: list[str], cwd: Path, timeout: int = 300
-) -> subprocess.CompletedProcess:
-    """`accelerate launch --multi_gpu --num_processes N -m dist_seg ...` with no CPU switch:
-    dist_seg itself must ask for CPU processes when there is no CUDA."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-           "--num_processes", str(nproc), "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "dist_seg", *args]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-    env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "dist_seg", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
 
 def test_two_process_train_matches_single_process_evaluate(packed, tmp_path):

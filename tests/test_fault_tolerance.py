@@ -12,8 +12,7 @@ import time
 
 import pytest
 import torch
-from test_distributed import TINY, free_port
-from test_train import tiny_config
+from helpers import TINY, free_port, tiny_config
 
 import dist_seg.checkpoint
 import dist_seg.train

@@ -8,32 +8,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_config
 
 from dist_seg.checkpoint import load_checkpoint, model_from_checkpoint
 from dist_seg.cli import _legacy_overrides, build_parser
 from dist_seg.config import load_config, parse_set
 from dist_seg.errors import UserError
 from dist_seg.train import EXIT_PREEMPTED, train
-
-TINY = {
-    "data": {"size": 32, "num_workers": 0},
-    "model": {"width": 0.0625},
-    "train": {"batch_size": 4, "precision": "no", "log_every": 1},
-    "optim": {"lr": 3e-3},
-}
-
-
-def tiny_config(packed: Path, out: Path, name: str, **sections):
-    over = {k: dict(v) for k, v in TINY.items()}
-    over["data"]["shards"] = str(packed)
-    over["run"] = {"out_dir": str(out), "name": name}
-    for section, values in sections.items():
-        over.setdefault(section, {}).update(values)
-    return load_config(None, [over])
 
 
 # --- config and command line --------------------------------------------------------------------

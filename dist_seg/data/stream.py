@@ -16,6 +16,7 @@ How samples are assigned (DESIGN.md section 2 has the traps this avoids):
 from __future__ import annotations
 
 import ctypes
+import functools
 import multiprocessing
 import os
 import random
@@ -336,6 +337,25 @@ def keep_buffers_on_heap(worker_id: int = 0) -> None:
     libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
 
 
+def init_worker(worker_id: int, tune_malloc: bool = True) -> None:
+    """DataLoader worker_init_fn: survive preemption signals, then tune malloc.
+
+    On SIGTERM, torchrun (under `accelerate launch`) and srun signal each rank's whole
+    process group, DataLoader workers included; torch's own worker handler for SIGTERM
+    exits, and the rank's next batch raised "DataLoader worker exited unexpectedly"
+    instead of checkpointing (DESIGN.md section 7). SIGUSR1's default action kills too.
+    Workers ignore both: the rank's handler sets the stop flag, the rank checkpoints at the
+    next step boundary and then ends its workers itself.
+    """
+    import signal
+
+    for name in ("SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    if tune_malloc:
+        keep_buffers_on_heap(worker_id)
+
+
 class EpochLoader:
     """A DataLoader over a ShardStream that knows its epoch, its length and what it yielded."""
 
@@ -360,7 +380,7 @@ class EpochLoader:
             stream.ring_slots = prefetch + 2  # > prefetch: see BatchRing
         self.loader = DataLoader(
             stream,
-            worker_init_fn=keep_buffers_on_heap if TUNE_MALLOC else None,
+            worker_init_fn=functools.partial(init_worker, tune_malloc=TUNE_MALLOC),
             batch_size=None,
             num_workers=num_workers,
             pin_memory=pin_memory,
