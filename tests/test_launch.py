@@ -1,9 +1,11 @@
 """The launch kit (launch/): accelerate configs and SLURM scripts, run without SLURM.
 
 The sbatch scripts run under bash with fake SLURM_* variables and stand-ins written into
-tmp_path: `srun` runs its command here, once per fake node with SLURM_NODEID set, and
-passes SIGTERM on as srun does; `scontrol` answers `show hostnames` and records the rest.
-CUDA is hidden, so the REAL generated `accelerate launch` line trains CPU processes.
+tmp_path: `srun` runs its command here, once per fake node with SLURM_NODEID set, and records
+its pid (the launcher's: it execs); `scancel --signal=N` sends N to that launcher as Slurm
+signals a job step; `scontrol` answers `show hostnames` and records the rest. CUDA is hidden,
+so the REAL generated launcher line trains CPU processes. What only a real Slurm shows
+(srun's own answer to signals, requeue, BeginTime) is tested in tests/test_slurm.py.
 """
 
 from __future__ import annotations
@@ -29,10 +31,10 @@ JOB_ID = "4242"
 
 SRUN = r"""#!/bin/bash
 # srun stand-in: drop srun's own options (the scripts write them --opt=value), then run the
-# command once per node (SLURM_NNODES) here, with SLURM_NODEID set; SIGTERM is passed on.
+# command once per node (SLURM_NNODES) here, with SLURM_NODEID set.
 printf '%s\0' "$@" >> "$FAKE_DIR/srun.argv"
 while [[ $# -gt 0 && $1 == --* ]]; do shift; done
-if ((${SLURM_NNODES:-1} == 1)); then SLURM_NODEID=0 exec "$@"; fi
+if ((${SLURM_NNODES:-1} == 1)); then echo $$ > "$FAKE_DIR/step.pid"; SLURM_NODEID=0 exec "$@"; fi
 pids=()
 trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
 for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_NODEID=$i "$@" & pids+=($!); done
@@ -49,13 +51,23 @@ exit "$status"
 """
 
 SCONTROL = r"""#!/bin/bash
-# scontrol stand-in: `show hostnames` prints FAKE_HOSTS; anything else is recorded.
+# scontrol stand-in: `show hostnames` prints FAKE_HOSTS; anything else is recorded; with
+# FAKE_REQUEUED set, `requeue` fails as it does when Slurm has requeued the job itself.
 if [[ $1 == show && $2 == hostnames ]]; then printf '%s\n' ${FAKE_HOSTS:-localhost}; exit 0; fi
 echo "$*" >> "$FAKE_DIR/scontrol.log"
+if [[ $1 == requeue && -n ${FAKE_REQUEUED:-} ]]; then
+    echo "scontrol: error: Requeue of JobId=$2 failed: Job is pending execution" >&2; exit 1
+fi
 """
 
-# A training-command stand-in: a worker under the real accelerate launch that waits for
-# SIGTERM, "checkpoints" (1 s) and exits 75, leaving a marker per rank.
+SCANCEL = r"""#!/bin/bash
+# scancel stand-in: `--signal=N JOBID` sends N to the job step (the 1-node launcher).
+echo "$*" >> "$FAKE_DIR/scancel.log"
+kill -s "${1#--signal=}" "$(cat "$FAKE_DIR/step.pid")"
+"""
+
+# A training-command stand-in: a worker under the real launcher that waits for SIGUSR1 (what
+# the launcher relays), "checkpoints" (1 s) and exits 75, leaving a marker per rank.
 WORKER = r"""
 import json, os, signal, sys, time
 from pathlib import Path
@@ -69,14 +81,13 @@ def write(name, text):
     os.replace(out / f".{name}.tmp", out / name)
 
 
-def on_term(signum, frame):
+def on_stop(signum, frame):
     time.sleep(1)
-    timeout = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
-    write(f"rank{rank}.stopped", f"SIGTERM, shutdown timeout {timeout}, exit 75")
+    write(f"rank{rank}.stopped", f"{signal.Signals(signum).name}, exit 75")
     sys.exit(75)
 
 
-signal.signal(signal.SIGTERM, on_term)
+signal.signal(signal.SIGUSR1, on_stop)
 write(f"rank{rank}.argv", json.dumps(sys.argv[1:]))
 time.sleep(120)
 write(f"rank{rank}.stopped", "no signal, exit 1")
@@ -104,7 +115,7 @@ def fake(tmp_path) -> Path:
     """A directory with the srun/scontrol stand-ins in bin/; their records land beside it."""
     bin_dir = tmp_path / "fake" / "bin"
     bin_dir.mkdir(parents=True)
-    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL), ("scancel", SCANCEL)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     (bin_dir.parent / "worker.py").write_text(WORKER)
@@ -274,7 +285,7 @@ def test_multinode_command_has_every_node_expand_its_own_rank(fake):
         assert f"--machine_rank {rank} " in node_line
         assert node_line.endswith("--resume auto --set run.name=two words")
     assert requeues(fake) == []
-    assert "2 nodes x 2 GPUs = 4 processes, head gpu17" in proc.stderr
+    assert "2 nodes x 2 processes = 4 processes, head gpu17" in proc.stderr
 
 
 @pytest.mark.parametrize(
@@ -283,24 +294,34 @@ def test_multinode_command_has_every_node_expand_its_own_rank(fake):
         ({"SLURM_GPUS_ON_NODE": "2"}, "2"),
         ({"SLURM_GPUS_ON_NODE": "", "SLURM_GPUS_PER_NODE": "a100:3"}, "3"),
         ({"SLURM_GPUS_ON_NODE": "", "SLURM_GPUS_PER_NODE": "4"}, "4"),
-        ({"SLURM_GPUS_ON_NODE": "", "FAKE_SMI": "GPU 0: A\nGPU 1: B\nGPU 2: C\n"}, "3"),
-        ({"SLURM_GPUS_ON_NODE": "", "GPUS_PER_NODE": "5"}, "5"),
-        ({"SLURM_GPUS_ON_NODE": ""}, None),  # no SLURM value, nvidia-smi finds nothing
+        ({"SLURM_GPUS_ON_NODE": "2", "GPUS_PER_NODE": "5"}, "5"),
+        ({"SLURM_GPUS_ON_NODE": "", "SLURM_CPUS_PER_TASK": "3"}, "3"),  # CPU node
+        ({"SLURM_GPUS_ON_NODE": ""}, "1"),  # CPU node, no --cpus-per-task
+        ({"SLURM_GPUS_ON_NODE": "", "GPUS_PER_NODE": "two"}, None),
     ],
 )
-def test_gpus_per_node_come_from_slurm_then_nvidia_smi(fake, gpu_env, expected):
-    smi = fake / "bin" / "nvidia-smi"
-    smi.write_text('#!/bin/bash\n[[ -n $FAKE_SMI ]] || exit 9\nprintf "$FAKE_SMI"\n')
-    smi.chmod(0o755)
-    env = slurm_env(fake, ACCELERATE="echo", **({"FAKE_SMI": ""} | gpu_env))
+def test_processes_per_node_from_gpus_then_cpus(fake, gpu_env, expected):
+    env = slurm_env(fake, ACCELERATE="echo", **gpu_env)
     proc = run_script(ONE_NODE, env, timeout=60)
     if expected is None:
         assert proc.returncode == 2
-        assert "cannot tell the GPUs per node" in proc.stderr
+        assert "cannot tell the processes per node (got 'two')" in proc.stderr
         assert not (fake / "srun.argv").exists()
     else:
         assert proc.returncode == 0, proc.stderr
         assert f"--num_processes {expected} " in proc.stdout
+
+
+def test_a_requeue_slurm_already_made_is_not_a_failure(fake):
+    """An admin's `scontrol requeue` (or preemption) requeues the job before the script's own
+    `scontrol requeue`, which then fails "Job is pending execution": the script exits 0."""
+    launcher = fake / "bin" / "launcher"
+    launcher.write_text("#!/bin/bash\nexit 75\n")
+    launcher.chmod(0o755)
+    proc = run_script(ONE_NODE, slurm_env(fake, ACCELERATE=str(launcher), FAKE_REQUEUED="1"))
+    assert proc.returncode == 0, proc.stderr
+    assert requeues(fake) == [f"requeue {JOB_ID}"]
+    assert "already requeued" in proc.stderr
 
 
 @pytest.mark.parametrize(("code", "requeued"), [(75, True), (3, False), (0, False)])
@@ -330,8 +351,9 @@ def test_requeues_stop_after_max_requeues(fake):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("sig", ["USR1", "TERM"])
 def test_signal_to_batch_script_stops_workers_and_requeues(fake, sig):
-    """The real accelerate launch with 2 stand-in workers: a signal to the batch script
-    reaches every worker as SIGTERM, they exit 75, and the job is requeued."""
+    """The real launcher with 2 stand-in workers: a signal to the batch script becomes
+    `scancel --signal=28 JOBID` (WINCH, to the job step, never `kill srun`), the launcher
+    relays it to its workers as USR1, they exit 75, 75 comes back, the job is requeued."""
     env = slurm_env(fake, DIST_SEG=str(fake / "worker.py"), EXTRA_ARGS="--set train.epochs=7")
     proc = start_script(ONE_NODE, env, fake)
     try:
@@ -342,15 +364,15 @@ def test_signal_to_batch_script_stops_workers_and_requeues(fake, sig):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, err[-3000:]
+    assert (fake / "scancel.log").read_text().splitlines() == [f"--signal=28 {JOB_ID}"]
     for rank in (0, 1):
         argv = json.loads((fake / f"rank{rank}.argv").read_text())
         assert argv == ["train", "--config", "configs/unet.yaml", "--resume", "auto",
                         "--set", "train.epochs=7"]  # fmt: skip
-        assert (fake / f"rank{rank}.stopped").read_text() == (
-            "SIGTERM, shutdown timeout 80, exit 75"
-        )
+        assert (fake / f"rank{rank}.stopped").read_text() == "SIGUSR1, exit 75"
     assert requeues(fake) == [f"requeue {JOB_ID}"]
-    assert f"got SIG{sig}" in err
+    assert f"got SIG{sig}" in err and "stopped (exit 75)" in err
+    assert "Traceback" not in err, err[-3000:]
 
 
 # --- the SLURM scripts: real training ----------------------------------------------------

@@ -1,4 +1,5 @@
 import math
+import os
 
 import numpy as np
 import pytest
@@ -157,3 +158,20 @@ def test_side_by_side_shapes_and_panels():
 def test_side_by_side_rejects_mismatched_mask():
     with pytest.raises(ValueError, match="does not match"):
         viz.side_by_side(_image(12, 10), np.zeros((12, 11), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_get_the_mode_open_gives(tmp_path, umask):
+    """curves.png and every PNG: the mode of a file made by open() (0644 under umask 022),
+    not mkstemp's 0600."""
+    old = os.umask(umask)
+    try:
+        (tmp_path / "plain.txt").write_text("x")
+        viz.plot_history(_history(3), tmp_path / "curves.png")
+        viz.save_png(np.zeros((4, 4), np.uint8), tmp_path / "masks" / "a.png")
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~umask
+    assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == expected
+    for name in ("curves.png", "masks/a.png"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
