@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -109,6 +111,51 @@ def raise_on_any_rank(accelerator: Accelerator, error: Exception | None) -> None
     messages = [m for m in gather_object([str(error) if error else ""]) if m]
     if messages:
         raise type(error)(messages[0]) if error else UserError(messages[0])
+
+
+def read_on_every_rank(accelerator: Accelerator, path: Path | None) -> bytes | None:
+    """The bytes of ``path`` as the main process reads it, on every rank (None: no file).
+
+    Ranks that see the very same file (same size and sha256) read their own copy, so on a
+    shared disk nothing big crosses the network; ranks that do not (node-local disks, a
+    relative path in another working directory) get the main process's bytes by broadcast.
+    """
+    if accelerator.num_processes == 1:
+        return _read(path) if path is not None else None
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    data, error = None, None
+    if accelerator.is_main_process and path is not None:
+        try:
+            data = _read(path)
+        except UserError as e:
+            error = e
+    raise_on_any_rank(accelerator, error)
+    meta = [None if data is None else (str(path), len(data), hashlib.sha256(data).hexdigest())]
+    broadcast_object_list(meta, from_process=0)
+    if meta[0] is None:
+        return None
+    name, size, digest = meta[0]
+    if not accelerator.is_main_process:
+        with contextlib.suppress(OSError):
+            local = Path(name)
+            if local.is_file() and local.stat().st_size == size:
+                data = local.read_bytes()
+                data = data if hashlib.sha256(data).hexdigest() == digest else None
+    if any(gather_object([data is None])):
+        box = [data if accelerator.is_main_process else None]
+        broadcast_object_list(box, from_process=0)
+        data = box[0] if data is None else data
+    return data
+
+
+def _read(path: Path) -> bytes:
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found; give the path of a last.pt or --resume auto")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read checkpoint {path}: {e.strerror}") from None
 
 
 class Preemption:

@@ -114,7 +114,10 @@ class Tracker:
             artifact = wandb.Artifact(f"{self.cfg.run_name()}-best", type="model")
             artifact.add_file(str(best))
             run.log_artifact(artifact, aliases=["best"])
-        self.accelerator.end_training()
+        # Not accelerator.end_training(): it also destroys the process group on every rank,
+        # and runtime.release still needs it (a 2-process W&B run then exited 1, DESIGN 3).
+        for tracker in self.accelerator.trackers:  # the main process's only
+            tracker.finish()
 
 
 def wandb_kwargs(cfg: Config, run_dir: Path) -> dict:

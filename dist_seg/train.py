@@ -19,7 +19,14 @@ import torch
 from accelerate.utils import gather_object
 
 from dist_seg import metrics
-from dist_seg.checkpoint import load_checkpoint, load_weights, model_from_config, save_checkpoint
+from dist_seg.checkpoint import (
+    TrainState,
+    load_train_state,
+    load_weights,
+    model_from_config,
+    save_checkpoint,
+    save_train_state,
+)
 from dist_seg.config import Config, config_from_dict, dump_config
 from dist_seg.console import Console, wandb_mode
 from dist_seg.data.manifest import check_shards, load_manifest
@@ -37,6 +44,7 @@ from dist_seg.runtime import (
     apply_speed_switches,
     make_accelerator,
     raise_on_any_rank,
+    read_on_every_rank,
     release,
     sync_buffers,
 )
@@ -179,25 +187,41 @@ class Trainer:
         total = cfg.train.epochs * self.steps_per_epoch // cfg.optim.grad_accum
         self.scheduler = make_scheduler(optimizer, cfg, total)
         self.deepspeed = acc.state.deepspeed_plugin is not None
+        # Where training stands; all of it goes into last.pt (checkpoint.TrainState).
+        self.epoch, self.step, self.history = 0, 0, []
+        self.best = {"dice_per_image": -1.0, "epoch": 0}
+        self.train_sums = torch.zeros(2, dtype=torch.float64)
+        self.stop_requested, self.skipped_batches = False, 0
+        self.data_plan = data_plan_fingerprint(
+            cfg, self.world, self.manifest.num_samples(cfg.data.train_split)
+        )
+        # Resume before prepare: DDP broadcasts rank 0's weights once, in prepare, and
+        # DeepSpeed builds its fp32 master partitions there; both must start from these.
+        self.resumed_from: Path | None = None
+        state = self.load_state(resume) if resume else None
+        if state is not None:
+            self.restore(state, model, optimizer)
         if self.deepspeed:
             # DeepSpeed wants the micro batch; accelerate takes it from a prepared loader,
             # which a WebDataset loader must not be (DESIGN.md section 2).
             ds = acc.state.deepspeed_plugin.deepspeed_config
             ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.train_sums = self.train_sums.to(acc.device)
         self.dtype = next(self.model.parameters()).dtype  # bf16 under DeepSpeed bf16
         self.ema = make_ema(self.raw_model, cfg) if cfg.train.ema_decay else None
+        if self.ema is not None and state is not None:
+            if state.ema is None:
+                raise UserError(
+                    f"checkpoint {self.resumed_from} has no EMA weights; resume with "
+                    "train.ema_decay=0"
+                )
+            self.ema.load_state_dict(state.ema)
         if cfg.train.compile:
             self.model = torch.compile(self.model)
-        # Where training stands; all of it goes into last.pt.
-        self.epoch, self.step, self.history = 0, 0, []
-        self.best = {"dice_per_image": -1.0, "epoch": 0}
-        self.train_sums = torch.zeros(2, dtype=torch.float64, device=acc.device)
-        self.stop_requested, self.skipped_batches = False, 0
-        if resume:
-            self.resume(resume)
-        if self.main:
-            dump_config(cfg, self.run_dir / "config.yaml")
+        self.on_main(lambda: dump_config(cfg, self.run_dir / "config.yaml"))
+        # summary.json describes the latest attempt only ("preempted" is what a job reads)
+        self.on_main(lambda: (self.run_dir / "summary.json").unlink(missing_ok=True))
         self.preemption = Preemption()
         self.tracker = Tracker(acc, cfg, self.run_dir)
 
@@ -218,21 +242,28 @@ class Trainer:
             f"{self.steps_per_epoch} steps/epoch per rank | lr {cfg.optim.lr:g} | {self.run_dir}"
         )
         t_start = time.perf_counter()
-        while self.epoch < cfg.train.epochs:
-            t0 = time.perf_counter()
-            if not self.train_one_epoch():
-                self.save("last.pt")
-                self.console.print(f"preempted: saved {self.run_dir / 'last.pt'} at epoch "
-                                   f"{self.epoch + 1} step {self.step}; exiting {EXIT_PREEMPTED}")  # fmt: skip
-                return self.finish({"preempted": True}, t_start)
-            self.validate(time.perf_counter() - t0)
-            if self.stop_requested and self.epoch < cfg.train.epochs:  # last.pt is fresh
-                return self.finish({"preempted": True}, t_start)
-            patience = cfg.train.early_stop_patience  # decided from all-reduced Dice
-            if patience and self.epoch - self.best["epoch"] >= patience:
-                self.console.print(f"early stop: no better val Dice for {patience} epochs")
-                return self.finish({"preempted": False, "early_stopped": self.epoch}, t_start)
+        try:
+            while self.epoch < cfg.train.epochs:
+                t0 = time.perf_counter()
+                if not self.train_one_epoch():
+                    self.save("last.pt")
+                    return self.preempted(t_start)
+                self.validate(time.perf_counter() - t0)
+                if self.stop_requested and self.epoch < cfg.train.epochs:  # last.pt is fresh
+                    return self.preempted(t_start)
+                patience = cfg.train.early_stop_patience  # decided from all-reduced Dice
+                if patience and self.epoch - self.best["epoch"] >= patience:
+                    self.console.print(f"early stop: no better val Dice for {patience} epochs")
+                    return self.finish({"preempted": False, "early_stopped": self.epoch}, t_start)
+        except BaseException:
+            stop_workers(self.train_loader, self.val_loader)
+            raise
         return self.finish({"preempted": False}, t_start)
+
+    def preempted(self, t_start: float) -> dict:
+        self.console.print(f"preempted: saved {self.run_dir / 'last.pt'} at epoch "
+                           f"{self.epoch + 1} step {self.step}; exiting {EXIT_PREEMPTED}")  # fmt: skip
+        return self.finish({"preempted": True}, t_start)
 
     def train_one_epoch(self) -> bool:
         """Trains from ``self.step`` to the end of ``self.epoch``; False if preempted."""
@@ -241,6 +272,11 @@ class Trainer:
         loader.set_epoch(self.epoch, skip_batches=self.step)
         self.model.train()
         global_batch = cfg.train.batch_size * self.world
+        accum, last = cfg.optim.grad_accum, self.steps_per_epoch - 1
+        # train.nonfinite=skip: the forward of a skipped batch has already moved BatchNorm's
+        # running statistics; they are put back from this copy (a few KB, every step).
+        bn = batchnorm_buffers(self.raw_model) if cfg.train.nonfinite == "skip" else []
+        save_due = False
         t0, start = time.perf_counter(), self.step
         with self.console.progress(f"epoch {self.epoch + 1}", len(loader)) as update:
             for data in loader:
@@ -250,14 +286,21 @@ class Trainer:
                     images, masks = random_flips(images, masks, torch.Generator().manual_seed(key))
                 if self.normalize:
                     images = normalize_imagenet(images)
+                # Accumulation windows of grad_accum batches start afresh every epoch and the
+                # last one closes at the epoch's end: accelerate would see the end only of a
+                # loader it prepared, which a WebDataset loader must not be (DESIGN.md 2).
+                # Set from the position alone, so a resumed run's windows are the same.
+                acc.step = accum - 1 if self.step == last else self.step % accum
+                before = [b.clone() for b in bn]
                 with acc.accumulate(self.model):
+                    boundary = acc.sync_gradients  # this batch ends a window: optimizer step
                     logits = self.model(images)
                     loss, bce_sum = loss_fn(logits, masks, cfg.optim.loss)
                     # One scalar all-reduce per step, before backward, so every rank takes the
                     # same decisions: skip a non-finite batch (no rank may skip backward
-                    # alone: DDP would hang) and stop for preemption at this step boundary
-                    # (the signal comes 90 s before the kill: a check every N steps could
-                    # miss it on slow steps).
+                    # alone: DDP would hang) and stop for preemption at the next window
+                    # boundary (the signal comes 90 s before the kill: a check every N steps
+                    # could miss it on slow steps).
                     nonfinite, stop = self.agree(not torch.isfinite(loss).item())
                     if nonfinite and cfg.train.nonfinite == "stop":
                         raise UserError(
@@ -268,6 +311,8 @@ class Trainer:
                         )
                     if nonfinite:
                         self.skipped_batches += 1
+                        for buf, old in zip(bn, before, strict=True):
+                            buf.copy_(old)
                     else:
                         acc.backward(loss)
                         if acc.sync_gradients and cfg.optim.grad_clip > 0:
@@ -281,22 +326,27 @@ class Trainer:
                         self.train_sums[1] += (masks != metrics.IGNORE_INDEX).sum()
                     self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
-                if stop and self.step < self.steps_per_epoch:
-                    return False
                 every = cfg.run.checkpoint_every
-                if every and self.global_step() % every == 0 and self.step < self.steps_per_epoch:
-                    self.save("last.pt")
-                if self.step % cfg.train.log_every and self.step != self.steps_per_epoch:
+                save_due |= bool(every) and self.global_step() % every == 0
+                if self.step % cfg.train.log_every == 0 or self.step == self.steps_per_epoch:
+                    # global, not rank 0's
+                    window = acc.reduce(self.train_sums.clone(), reduction="sum")
+                    loss_now = (window[0] / window[1]).item()
+                    throughput = (self.step - start) * global_batch / (time.perf_counter() - t0)
+                    self.tracker.log({"train/loss": loss_now, "train/lr": self.scheduler.get_last_lr()[0],
+                                      "train/images_per_s": throughput}, step=self.global_step())  # fmt: skip
+                    update(loss=loss_now, img_s=throughput)
+                else:
                     update()
+                # Stops and periodic saves only between windows: a checkpoint never needs
+                # gradients accumulated so far (a few more batches at most).
+                if not boundary or self.step == self.steps_per_epoch:
                     continue
-                window = acc.reduce(
-                    self.train_sums.clone(), reduction="sum"
-                )  # global, not rank 0's
-                loss_now = (window[0] / window[1]).item()
-                throughput = (self.step - start) * global_batch / (time.perf_counter() - t0)
-                self.tracker.log({"train/loss": loss_now, "train/lr": self.scheduler.get_last_lr()[0],
-                                  "train/images_per_s": throughput}, step=self.global_step())  # fmt: skip
-                update(loss=loss_now, img_s=throughput)
+                if stop:
+                    return False
+                if save_due:
+                    self.save("last.pt")
+                    save_due = False
         return True
 
     def agree(self, nonfinite: bool) -> tuple[bool, bool]:
@@ -352,85 +402,134 @@ class Trainer:
         self.save("last.pt")
         if improved:
             self.save("best.pt")
-        if self.main:
-            write_history(self.history, self.run_dir)
+        self.on_main(lambda: write_history(self.history, self.run_dir))
         self.tracker.log_curves(self.run_dir / "curves.png", step=self.global_step())
 
     def global_step(self) -> int:
         return self.epoch * self.steps_per_epoch + self.step
 
     # --- checkpoints ---------------------------------------------------------------------
+    def on_main(self, write) -> None:
+        """Run ``write()`` on the main process; a failure there (a full disk) is one error
+        on every rank: the others would otherwise wait in the next collective."""
+        error = None
+        if self.main:
+            try:
+                write()
+            except UserError as e:
+                error = e
+            except OSError as e:
+                error = UserError(
+                    f"cannot write in {self.run_dir} ({e.strerror or e}: {e.filename}); the last "
+                    "checkpoint is intact. Free disk space or set run.out_dir"
+                )
+        raise_on_any_rank(self.accelerator, error)
+
     def save(self, name: str) -> None:
-        """Collective (buffers are broadcast first); only the main process writes."""
-        sync_buffers(self.model, self.accelerator)
-        weights = self.accelerator.get_state_dict(self.model)
+        """Collective (buffers are broadcast, train sums gathered); only the main process writes."""
+        acc = self.accelerator
+        sync_buffers(self.model, acc)
+        weights = acc.get_state_dict(self.model)
         if self.ema is not None:
-            sync_buffers(self.ema, self.accelerator)
-        if not self.main:
-            return
-        state = {"model": weights, "config": self.cfg.to_dict(), "epoch": self.epoch,
-                 "best": self.best}  # fmt: skip
-        if name == "best.pt":
-            state["metrics"] = self.history[-1]
-            if self.cfg.train.select == "ema":  # best.pt holds the weights that were chosen
-                state["model"] = self.ema.module.state_dict()
-        else:
-            if self.ema is not None:
-                state["ema"] = self.ema.state_dict()
-            state |= {
-                "step": self.step,  # batches of `epoch` already trained (mid-epoch resume)
-                "train_sums": self.train_sums.cpu(),
+            sync_buffers(self.ema, acc)
+        sums = self.train_sums.unsqueeze(0)  # (ranks, 2): every rank's share of the epoch
+        sums = acc.gather(sums).cpu() if self.world > 1 else sums.cpu()
+
+        def write():
+            if name == "best.pt":  # best.pt holds the weights that were chosen
+                ema = self.cfg.train.select == "ema"
+                state = {"model": self.ema.module.state_dict() if ema else weights,
+                         "config": self.cfg.to_dict(), "epoch": self.epoch, "best": self.best,
+                         "metrics": self.history[-1]}  # fmt: skip
+                save_checkpoint(state, self.run_dir / name)
+                return
+            state = TrainState(
+                model=weights, config=self.cfg.to_dict(), epoch=self.epoch, step=self.step,
                 # ZeRO shards the optimizer state over ranks, and only rank 0 writes: under
                 # DeepSpeed a resume restores everything but Adam's moments (said at resume).
-                "optimizer": {} if self.deepspeed else self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "history": self.history,
-                "skipped_batches": self.skipped_batches,
-                # No RNG states: every random draw (shard order, shuffle, flips) derives from
-                # (seed, epoch, step, rank), so position alone replays it exactly.
-                "wandb_id": self.tracker.run_id,
-            }
-            if self.accelerator.scaler is not None:
-                state["scaler"] = self.accelerator.scaler.state_dict()
-        save_checkpoint(state, self.run_dir / name)
-        if name == "last.pt" and self.cfg.run.keep_last:
-            keep_numbered(self.run_dir, self.global_step(), self.cfg.run.keep_last)
+                optimizer={} if self.deepspeed else self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(),
+                scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
+                ema=self.ema.state_dict() if self.ema is not None else None,
+                accumulation={"grad_accum": self.cfg.optim.grad_accum,
+                              "pending_micro_steps": 0},  # saves happen between windows only
+                data_plan=self.data_plan, history=self.history, best=self.best,
+                skipped_batches=self.skipped_batches, train_sums=sums,
+                wandb_id=self.tracker.run_id,
+            )  # fmt: skip
+            save_train_state(state, self.run_dir / name)
+            if self.cfg.run.keep_last:
+                keep_numbered(self.run_dir, self.global_step(), self.cfg.run.keep_last)
 
-    def resume(self, resume: str) -> None:
+        self.on_main(write)
+
+    def load_state(self, resume: str) -> TrainState | None:
+        """The checkpoint to resume from, decided once by the main process and read the same
+        on every rank (broadcast where a rank cannot see the main process's file)."""
         path = self.run_dir / "last.pt" if resume == "auto" else Path(resume)
-        if resume == "auto" and not path.exists():
+        if resume == "auto" and not (self.main and path.exists()):
+            path = None  # only the main process's view counts
+        data = read_on_every_rank(self.accelerator, path)
+        if data is None:
             self.console.print(f"no checkpoint in {self.run_dir}: starting fresh")
-            return
-        state = load_checkpoint(path)
-        saved = config_from_dict(state["config"])
-        if (saved.model.name, saved.model.width) != (self.cfg.model.name, self.cfg.model.width):
+            return None
+        self.resumed_from = path = self.run_dir / "last.pt" if resume == "auto" else Path(resume)
+        return load_train_state(data, path)
+
+    def restore(self, state: TrainState, model, optimizer) -> None:
+        """Checks ``state`` against this run, then loads it (before accelerator.prepare)."""
+        path, cfg = self.resumed_from, self.cfg
+        saved = config_from_dict(state.config)
+        if (saved.model.name, saved.model.width) != (cfg.model.name, cfg.model.width):
             raise UserError(
                 f"checkpoint {path} is a {saved.model.name} width {saved.model.width}, this run a "
-                f"{self.cfg.model.name} width {self.cfg.model.width}; resume with the same model"
+                f"{cfg.model.name} width {cfg.model.width}; resume with the same model"
             )
-        if "optimizer" not in state:
-            raise UserError(f"checkpoint {path} holds weights only; resume from a last.pt")
-        load_weights(self.raw_model, state["model"], path)
-        if state["optimizer"] and not self.deepspeed:
-            self.optimizer.load_state_dict(state["optimizer"])
+        changed = {
+            k: (v, self.data_plan.get(k))
+            for k, v in state.data_plan.items()
+            if v != self.data_plan.get(k)
+        }
+        if changed:
+            what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+            raise UserError(
+                f"checkpoint {path} was written with another data plan ({what}): resuming would "
+                "train some samples twice and skip others; resume with the same processes, "
+                "data.num_workers, train.batch_size, data.shuffle_buffer, optim.grad_accum, "
+                "train.seed and data"
+            )
+        if state.accumulation.get("pending_micro_steps", 0):
+            raise UserError(
+                f"checkpoint {path} was saved inside a gradient-accumulation window, without "
+                "its gradients; resume from an end-of-epoch checkpoint (checkpoints/)"
+            )
+        load_weights(model, state.model, path)
+        if state.optimizer and not self.deepspeed:
+            optimizer.load_state_dict(state.optimizer)
         else:
             self.console.print(
                 "[yellow]warning[/]: no optimizer state to restore (DeepSpeed run); Adam restarts its moments"
             )
-        self.scheduler.load_state_dict(state["scheduler"])
-        if "scaler" in state and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.step = state["epoch"], state["step"]
-        self.history, self.best = state["history"], state["best"]
-        self.skipped_batches = state.get("skipped_batches", 0)
-        if self.ema is not None:
-            if "ema" not in state:
-                raise UserError(
-                    f"checkpoint {path} has no EMA weights; resume with train.ema_decay=0"
-                )
-            self.ema.load_state_dict(state["ema"])
-        self.train_sums = state["train_sums"].to(self.accelerator.device)
+        self.scheduler.load_state_dict(state.scheduler)
+        if state.scaler is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state.scaler)
+        self.epoch, self.step = state.epoch, state.step
+        self.history, self.best = state.history, state.best
+        self.skipped_batches = state.skipped_batches
+        sums = state.train_sums.to(torch.float64).reshape(-1, 2)
+        if len(sums) == self.world:  # each rank its own share, as before the stop
+            self.train_sums = sums[self.rank].clone()
+        else:  # the epoch's total on one rank: the all-reduced train_loss stays right
+            self.train_sums = sums.sum(0) if self.main else torch.zeros(2, dtype=torch.float64)
         self.console.print(f"resumed from {path} at epoch {self.epoch + 1} step {self.step}")
+        plan = self.data_plan
+        self.console.print(
+            ("data plan unchanged" if state.data_plan else "checkpoint without a data plan "
+             "(an older dist_seg): assuming it is unchanged") + f" ({plan['world_size']} "
+            f"processes x {plan['num_workers']} loader workers, batch {plan['batch_size']}, "
+            f"grad_accum {plan['grad_accum']}, shuffle buffer {plan['shuffle_buffer']}, seed "
+            f"{plan['seed']}, {plan['train_samples']} train samples): continuing exactly"
+        )  # fmt: skip
 
     def finish(self, extra: dict, t_start: float) -> dict:
         digest = weights_digest(self.raw_model)
@@ -462,6 +561,36 @@ class Trainer:
         self.model = self.optimizer = self.train_loader = self.val_loader = None
         release(self.accelerator)
         return summary
+
+
+def data_plan_fingerprint(cfg: Config, world_size: int, train_samples: int) -> dict:
+    """What decides which samples each rank trains at each step of an epoch."""
+    return {
+        "seed": cfg.train.seed,
+        "world_size": world_size,
+        "num_workers": cfg.data.num_workers,
+        "batch_size": cfg.train.batch_size,
+        "shuffle_buffer": cfg.data.shuffle_buffer,
+        "grad_accum": cfg.optim.grad_accum,
+        "train_samples": train_samples,
+    }
+
+
+def stop_workers(*loaders) -> None:
+    """End persistent loader workers now. After an error the traceback keeps their
+    iterators alive until exit, where multiprocessing's exit handler terminates and joins
+    them; they ignore SIGTERM (stream.init_worker), so a run that failed on a full disk hung
+    there instead of exiting 2 (tests/test_fault_tolerance.py)."""
+    for loader in loaders:
+        iterator = getattr(getattr(loader, "loader", None), "_iterator", None)
+        if iterator is not None:
+            iterator._shutdown_workers()
+
+
+def batchnorm_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Running mean, variance and batch count of every BatchNorm layer."""
+    norms = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.SyncBatchNorm)
+    return [b for m in model.modules() if isinstance(m, norms) for b in m.buffers()]
 
 
 def make_ema(model: torch.nn.Module, cfg: Config) -> torch.optim.swa_utils.AveragedModel:

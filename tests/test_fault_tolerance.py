@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
@@ -12,7 +11,7 @@ import time
 
 import pytest
 import torch
-from helpers import TINY, free_port, tiny_config
+from helpers import TINY, free_port, run_cli, tiny_config
 
 import dist_seg.checkpoint
 import dist_seg.train
@@ -56,21 +55,111 @@ def test_nonfinite_loss_skip_mode_counts_and_goes_on(packed, tmp_path, monkeypat
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
 
 
-def test_full_disk_while_saving_keeps_the_previous_checkpoint(packed, tmp_path, monkeypatch):
-    cfg = tiny_config(packed, tmp_path, "full", train={"epochs": 3})
-    real, saves = torch.save, []
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 8 MiB file system (tmpfs), mounted for the test and unmounted after it."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)],
+                           capture_output=True, text=True)  # fmt: skip
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
 
-    def fake_save(obj, f, *args, **kwargs):
-        saves.append(f)
-        if len(saves) == 4:  # epoch 1 wrote last.pt and best.pt; epoch 2's last.pt fails
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(dist_seg.checkpoint.torch, "save", fake_save)
-    with pytest.raises(UserError, match="No space left on device.*previous one is intact"):
-        train(cfg)
-    assert load_checkpoint(tmp_path / "full" / "last.pt")["epoch"] in (1, 2)
-    assert not list((tmp_path / "full").glob(".*.tmp"))
+def fill(disk, leave: int) -> None:
+    """Fill ``disk`` up to ``leave`` free bytes."""
+    st = os.statvfs(disk)
+    with open(disk / "filler", "wb") as f:
+        f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+
+
+@pytest.mark.slow
+def test_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
+    packed, tmp_path, small_disk
+):
+    args = ["train", *TINY, "--set", f"data.shards={packed}", "--set", f"run.out_dir={small_disk}",
+            "--name", "full"]  # fmt: skip
+    first = run_cli([*args, "--set", "train.epochs=1"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    last = small_disk / "full" / "last.pt"
+    before = last.read_bytes()
+    fill(small_disk, leave=256 << 10)  # room for config.yaml, not for a 1.5 MB last.pt
+    proc = run_cli([*args, "--set", "train.epochs=2", "--resume", "auto"], cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"dist-seg: error: cannot write checkpoint {last}"), line
+    assert "No space left on device" in line and "the previous one is intact" in line
+    assert last.read_bytes() == before
+    assert load_checkpoint(last)["epoch"] == 1
+    assert not list(last.parent.glob(".*.tmp"))
+
+
+def test_skipped_batch_leaves_batchnorm_statistics_as_if_it_never_came(
+    packed, tmp_path, monkeypatch
+):
+    """Batch 3 of epoch 1 is all NaN: skipped, it must leave the model (running statistics
+    included) exactly as a run that never saw it, which gets the same batches but that one."""
+    import dist_seg.data.stream as stream
+
+    real_iter = stream.EpochLoader.__iter__
+
+    def batches(mode):
+        def it(self):
+            for i, batch in enumerate(real_iter(self)):
+                if self.stream.train and i == 2:
+                    if mode == "drop":
+                        continue
+                    nan = torch.full(batch["image"].shape, float("nan"))
+                    batch = {**batch, "image": nan}
+                yield batch
+
+        return it
+
+    over = dict(train={"epochs": 1, "nonfinite": "skip"}, data={"flip": False, "num_workers": 0})
+    monkeypatch.setattr(stream.EpochLoader, "__iter__", batches("nan"))
+    train(tiny_config(packed, tmp_path, "nan", **over))
+    monkeypatch.setattr(stream.EpochLoader, "__iter__", batches("drop"))
+    train(tiny_config(packed, tmp_path, "drop", **over))
+    nan = load_checkpoint(tmp_path / "nan" / "last.pt")
+    drop = load_checkpoint(tmp_path / "drop" / "last.pt")
+    assert nan["skipped_batches"] == 1 and drop["skipped_batches"] == 0
+    stats = [k for k in nan["model"] if "running_" in k or "num_batches" in k]
+    assert stats and all(torch.isfinite(nan["model"][k].float()).all() for k in stats)
+    for key, tensor in drop["model"].items():
+        assert torch.equal(nan["model"][key], tensor), key
+
+
+@pytest.mark.slow
+def test_grad_accum_preempted_mid_epoch_resumes_bit_identical(packed, tmp_path, monkeypatch):
+    """One process, grad_accum 2, 7 batches an epoch (windows 2, 2, 2, 1: the last closes
+    at the epoch's end). SIGTERM during batch 3: the stop waits for the window to close."""
+    over = dict(train={"epochs": 2}, optim={"grad_accum": 2}, data={"num_workers": 0})
+    straight = train(tiny_config(packed, tmp_path, "straight", **over))
+    real, calls = dist_seg.train.loss_fn, []
+
+    def signalling(logits, masks, kind):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # the Trainer's handler only sets a flag
+        return real(logits, masks, kind)
+
+    monkeypatch.setattr(dist_seg.train, "loss_fn", signalling)
+    assert train(tiny_config(packed, tmp_path, "cut", **over))["preempted"]
+    state = load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert (state["epoch"], state["step"]) == (0, 4)  # batch 3 opened window 2: ends at 4
+    assert state["accumulation"] == {"grad_accum": 2, "pending_micro_steps": 0}
+    monkeypatch.setattr(dist_seg.train, "loss_fn", real)
+    resumed = train(tiny_config(packed, tmp_path, "cut", **over), resume="auto")
+    assert resumed["weights_sha256_all_ranks"] == straight["weights_sha256_all_ranks"]
+    h1 = json.loads((tmp_path / "straight" / "history.json").read_text())
+    h2 = json.loads((tmp_path / "cut" / "history.json").read_text())
+    strip = [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in h1]
+    assert strip == [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in h2]
 
 
 def test_checkpoint_every_n_steps_keeps_the_last_k(packed, tmp_path):
