@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 import string
+import struct
 import sys
 from pathlib import Path
 
@@ -26,7 +27,14 @@ class Tracker:
         self.accelerator, self.cfg, self.run_dir = accelerator, cfg, run_dir
         self.enabled = wandb_mode(cfg.wandb.mode) != "disabled"
         self.step = 0
+        # What this W&B run already holds (from a run that was killed after its last
+        # checkpoint): the highest step, and the keys logged at it. Nothing at or below it
+        # is logged again, so a requeued run shows every step once (issue 12 item 9).
+        self.seen_step, self.seen_keys = -1, set()
         if self.enabled and accelerator.is_main_process:
+            run_id = self.run_id
+            if run_id is not None:
+                self.seen_step, self.seen_keys = logged_steps(self.run_dir, run_id)
             self._start(wandb_mode(cfg.wandb.mode))
 
     @property
@@ -61,8 +69,26 @@ class Tracker:
     def log(self, values: dict, step: int | None = None) -> None:
         """Log at the given global optimizer step (or one past the last logged)."""
         self.step = step if step is not None else self.step + 1
-        if self.enabled:
-            self.accelerator.log(values, step=self.step)
+        if self.step < self.seen_step:
+            return
+        if self.step == self.seen_step:
+            values = {k: v for k, v in values.items() if k not in self.seen_keys}
+        if self.enabled and values:
+            self._guarded(self.accelerator.log, values, step=self.step)
+
+    def _guarded(self, call, *args, **kwargs) -> None:
+        """W&B must never cost a checkpoint. When Slurm signals every process of a job,
+        SIGTERM also ends the W&B service process, and the next log raised
+        ConnectionResetError before the workers could save (launch/README.md): warn once
+        and go on without W&B."""
+        try:
+            call(*args, **kwargs)
+        except Exception as e:
+            why = (str(e).splitlines() or [type(e).__name__])[0]
+            print(f"warning: W&B stopped working ({type(e).__name__}: {why[:120]}); training "
+                  f"goes on without it (the run's files are in {self.run_dir})",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            self.enabled = False
 
     def collector(self, panel: list):
         """An evaluate() on_batch hook keeping the first ``wandb.log_images`` samples as
@@ -93,14 +119,14 @@ class Tracker:
             })
             for name, image, pred, truth in panel
         ]  # fmt: skip
-        self.accelerator.log({"val/examples": images}, step=step)
+        self.log({"val/examples": images}, step=step)
 
     def log_curves(self, path: Path, step: int) -> None:
         """The learning-curve PNG (written by the main process just before)."""
         if self.enabled and self.accelerator.is_main_process and Path(path).exists():
             import wandb
 
-            self.accelerator.log({"curves": wandb.Image(str(path))}, step=step)
+            self.log({"curves": wandb.Image(str(path))}, step=step)
 
     def finish(self) -> None:
         if not self.enabled:
@@ -113,11 +139,57 @@ class Tracker:
             run = self.accelerator.get_tracker("wandb", unwrap=True)
             artifact = wandb.Artifact(f"{self.cfg.run_name()}-best", type="model")
             artifact.add_file(str(best))
-            run.log_artifact(artifact, aliases=["best"])
+            self._guarded(run.log_artifact, artifact, aliases=["best"])
         # Not accelerator.end_training(): it also destroys the process group on every rank,
         # and runtime.release still needs it (a 2-process W&B run then exited 1, DESIGN 3).
         for tracker in self.accelerator.trackers:  # the main process's only
-            tracker.finish()
+            self._guarded(tracker.finish)
+
+
+def logged_steps(run_dir: Path, run_id: str) -> tuple[int, set[str]]:
+    """(highest step, the keys logged at it) over this run's local W&B files, online and
+    offline ones alike (each start of a requeued job writes its own `*run-*/run-ID.wandb`);
+    (-1, set()) when there are none. Read here because wandb 0.31 ships no Python reader
+    for its transaction log (its reader is in the Go service): the file is a LevelDB-style
+    log of wandb_internal_pb2.Record protobufs, 32 KiB blocks of chunks with a 7-byte
+    header (crc32c, length, type), after a 7-byte file header. A tail cut by a kill ends the
+    scan; what was written before it counts."""
+    from wandb.proto import wandb_internal_pb2
+
+    best, keys = -1, set()
+    for path in sorted(run_dir.glob(f"wandb/*run-*/run-{run_id}.wandb")):
+        for record in _log_records(path.read_bytes(), wandb_internal_pb2.Record):
+            if record.WhichOneof("record_type") != "history":
+                continue
+            step = record.history.step.num
+            names = {i.key or i.nested_key[0] for i in record.history.item}
+            if step > best:
+                best, keys = step, set()
+            if step == best:
+                keys |= {n for n in names if not n.startswith("_")}
+    return best, keys
+
+
+def _log_records(data: bytes, record_type):
+    block, pos, chunks = 32768, 7, []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = struct.unpack_from("<HB", data, pos + 4)
+        body = data[pos + 7 : pos + 7 + length]
+        if kind == 0 or len(body) < length:
+            return
+        pos += 7 + length
+        chunks.append(body)
+        if kind in (1, 4):  # FULL, or the LAST chunk of a record
+            record = record_type()
+            try:
+                record.ParseFromString(b"".join(chunks))
+            except Exception:  # a damaged record: the rest cannot be trusted
+                return
+            chunks = []
+            yield record
 
 
 def wandb_kwargs(cfg: Config, run_dir: Path) -> dict:

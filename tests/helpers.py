@@ -7,6 +7,7 @@ Imported as ``from helpers import ...``: pytest's default import mode puts this 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -68,3 +69,27 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Comple
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "dist_seg", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def wandb_env(env: dict, home: Path) -> dict:
+    """``env`` with W&B offline and its config, cache and data under ``home`` (tests set
+    WANDB_MODE themselves: a user's environment may hold any value)."""
+    env = {k: v for k, v in env.items() if not k.startswith("WANDB_")}
+    return env | {"WANDB_MODE": "offline", "WANDB_SILENT": "true",
+                  "WANDB_CONFIG_DIR": str(home), "WANDB_CACHE_DIR": str(home),
+                  "WANDB_DATA_DIR": str(home), "NETRC": str(home / "netrc")}  # fmt: skip
+
+
+def read_wandb(run_dir: Path) -> list[dict]:
+    """Every offline W&B run of a run directory, oldest first, read with W&B's own reader
+    (DESIGN.md 5): its id and history rows."""
+    wandb = str(Path(sys.executable).parent / "wandb")
+    runs = []
+    for d in (run_dir / "wandb").glob("offline-run-*"):
+        out = subprocess.run([wandb, "leet", "inspect", "--json", str(d)], capture_output=True,
+                             text=True, timeout=120, check=True).stdout  # fmt: skip
+        records = [json.loads(line) for line in out.splitlines() if line.strip()]
+        head = next(r["run"] for r in records if r["type"] == "run")
+        rows = [r["history"]["item"] for r in records if r["type"] == "history"]
+        runs.append({"id": head["run_id"], "start": head["start_time"], "rows": rows})
+    return sorted(runs, key=lambda r: r["start"])

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from helpers import TINY, free_port, run_cli, tiny_config
+from helpers import TINY, free_port, read_wandb, run_cli, tiny_config, wandb_env
 
 import dist_seg.checkpoint
 import dist_seg.train
@@ -175,12 +175,16 @@ def test_checkpoint_every_n_steps_keeps_the_last_k(packed, tmp_path):
 @pytest.mark.distributed
 @pytest.mark.timeout(600)
 def test_sigkill_under_two_processes_then_resume_is_bit_identical(packed, tmp_path):
+    """The users' path: 2 processes, 2 persistent loader workers each, W&B offline. The steps
+    logged between the last checkpoint and the kill are trained again after the resume but
+    not logged again: W&B holds every step once."""
     base = ["train", *TINY, "--set", f"data.shards={packed}", "--set", "train.epochs=3",
-            "--set", "train.batch_size=2", "--set", "data.num_workers=0",
+            "--set", "train.batch_size=2", "--set", "data.num_workers=2",
             "--set", "run.checkpoint_every=2", "--set", "train.log_every=1",
+            "--set", "wandb.mode=offline", "--set", "wandb.log_images=0",
             "--set", f"run.out_dir={tmp_path}"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-    env["OMP_NUM_THREADS"] = "1"
+    env = wandb_env(env, tmp_path / "wandb-home") | {"OMP_NUM_THREADS": "1"}
 
     def launch(name, *extra, **popen):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
@@ -212,3 +216,13 @@ def test_sigkill_under_two_processes_then_resume_is_bit_identical(packed, tmp_pa
     h_cut = json.loads((tmp_path / "cut" / "history.json").read_text())
     keys = ("train_loss", "val_loss", "val_dice_per_image", "val_dice_dataset")
     assert [[r[k] for k in keys] for r in h_ref] == [[r[k] for k in keys] for r in h_cut]
+    runs = read_wandb(tmp_path / "cut")
+    assert len(runs) == 2 and len({r["id"] for r in runs}) == 1  # the same W&B run, resumed
+    steps = [r["_step"] for run in runs for r in run["rows"] if "train/loss" in r]
+    assert steps == list(range(1, 3 * 7 + 1))  # each step once, none missing
+    val = [r["_step"] for run in runs for r in run["rows"] if "val/dice_per_image" in r]
+    assert val == [7, 14, 21]
+    (ref,) = read_wandb(tmp_path / "ref")
+    want = {r["_step"]: r["train/loss"] for r in ref["rows"] if "train/loss" in r}
+    got = {r["_step"]: r["train/loss"] for run in runs for r in run["rows"] if "train/loss" in r}
+    assert got == want

@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import free_port
+from helpers import free_port, read_wandb, wandb_env
 
 from dist_seg.checkpoint import load_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(900)]
 
-WANDB = str(Path(sys.executable).parent / "wandb")
 STEPS = 14  # 28 train samples / (2 ranks x batch 1)
 EPOCHS = 2
 ACCUM = 2
@@ -52,11 +51,8 @@ def start(packed, out, name, cwd, *extra, machines=None, **popen) -> subprocess.
            "--num_processes", "2", *topology, "--mixed_precision", "no",
            "--dynamo_backend", "no", "--gradient_accumulation_steps", str(ACCUM),
            "-m", "dist_seg", *settings(packed, out), "--name", name, *extra]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WANDB_"))}
-    home = Path(cwd) / "wandb-home"
-    env |= {"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-            "WANDB_CONFIG_DIR": str(home), "WANDB_CACHE_DIR": str(home),
-            "WANDB_DATA_DIR": str(home), "NETRC": str(home / "netrc")}  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env = wandb_env(env, Path(cwd) / "wandb-home") | {"OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, cwd=cwd, env=env, start_new_session=True, text=True, **popen)
 
 
@@ -76,20 +72,6 @@ def signal_at(procs: list[subprocess.Popen], marker: str) -> tuple[float, str]:
     for p in procs:
         os.killpg(p.pid, signal.SIGTERM)
     return t0, "".join(seen)
-
-
-def read_wandb(run_dir: Path) -> list[dict]:
-    """Every offline W&B run of a run directory, oldest first, read with W&B's own reader
-    (DESIGN.md 5): its id and history rows."""
-    runs = []
-    for d in (run_dir / "wandb").glob("offline-run-*"):
-        out = subprocess.run([WANDB, "leet", "inspect", "--json", str(d)], capture_output=True,
-                             text=True, timeout=120, check=True).stdout  # fmt: skip
-        records = [json.loads(line) for line in out.splitlines() if line.strip()]
-        head = next(r["run"] for r in records if r["type"] == "run")
-        rows = [r["history"]["item"] for r in records if r["type"] == "history"]
-        runs.append({"id": head["run_id"], "start": head["start_time"], "rows": rows})
-    return sorted(runs, key=lambda r: r["start"])
 
 
 def history(run_dir: Path) -> list[dict]:

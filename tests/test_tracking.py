@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -254,3 +255,72 @@ def test_sweep_command_trains_with_the_swept_lr_under_the_agents_run_id(
     assert saved["wandb"]["group"] == "sweep-lr"
     (run,) = offline_runs(run_dir)
     assert run["id"] == "trial123" and run["config"]["optim"]["lr"] == 0.0031
+
+
+def test_a_run_killed_after_its_checkpoint_logs_no_step_twice(wandb_home, tmp_path):
+    """A requeued job trains again the steps between its last checkpoint and the kill; W&B
+    already holds them, so they are not logged again, and the first step it lacks is."""
+    cfg = tiny(Path("unused"), tmp_path, "killed", epochs=1)
+    run_dir = cfg.run_dir()
+    run_dir.mkdir(parents=True)
+    first = Tracker(make_accelerator("no", 1, "wandb"), cfg, run_dir)
+    for step in (1, 2, 3, 4, 5):  # the checkpoint was at step 2: 3 to 5 come again
+        first.log({"train/loss": float(step)}, step=step)
+    first.log({"val/loss": 0.5}, step=5)
+    first.finish()
+    second = Tracker(make_accelerator("no", 1, "wandb"), cfg, run_dir)
+    assert (second.seen_step, second.seen_keys) == (5, {"train/loss", "val/loss"})
+    for step in (3, 4, 5, 6, 7):
+        second.log({"train/loss": 10.0 + step}, step=step)
+        if step == 5:  # the end of the epoch: only `epoch` is new at this step
+            second.log({"val/loss": 0.25, "epoch": 1}, step=5)
+    second.finish()
+    runs = offline_runs(run_dir)
+    assert len(runs) == 2 and runs[0]["id"] == runs[1]["id"]
+    rows = [(i["_step"], i.get("train/loss"), i.get("val/loss"), i.get("epoch"))
+            for run in runs for i in run["history"]]  # fmt: skip
+    assert rows == [(1, 1.0, None, None), (2, 2.0, None, None), (3, 3.0, None, None),
+                    (4, 4.0, None, None), (5, 5.0, 0.5, None), (5, None, None, 1),
+                    (6, 16.0, None, None), (7, 17.0, None, None)]  # fmt: skip
+
+
+def test_wandb_failing_mid_run_costs_no_checkpoint(wandb_home, tmp_path, capsys):
+    """Slurm's SIGTERM to every process of a job also ends W&B's service: the next log
+    raises. It warns once and training goes on (so the workers still save)."""
+    cfg = tiny(Path("unused"), tmp_path, "dead", epochs=1)
+    run_dir = cfg.run_dir()
+    run_dir.mkdir(parents=True)
+    tracker = Tracker(make_accelerator("no", 1, "wandb"), cfg, run_dir)
+    tracker.log({"x": 1.0}, step=1)
+    services = [pid for pid in children(os.getpid()) if b"wandb" in cmdline(pid)]
+    assert services, "no W&B service process found"
+    for pid in services:  # as Slurm does: SIGTERM to every process of the job
+        os.kill(pid, signal.SIGTERM)
+    for pid in services:
+        while Path(f"/proc/{pid}").exists() and b"zombie" not in status(pid):
+            time.sleep(0.05)
+    tracker.log({"x": 2.0}, step=2)
+    tracker.log({"x": 3.0}, step=3)
+    tracker.finish()
+    err = capsys.readouterr().err
+    assert err.count("W&B stopped working") == 1, err
+    assert tracker.enabled is False
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for t in Path(f"/proc/{pid}/task").iterdir()
+            for c in (t / "children").read_text().split()]  # fmt: skip
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def status(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/status").read_bytes().lower()
+    except OSError:
+        return b"zombie"
