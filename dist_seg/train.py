@@ -122,7 +122,10 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: str | None = None):
+    def __init__(self, cfg: Config, resume: str | None = None, train_loader=None):
+        """``train_loader``: train on this loader instead of building one from ``cfg`` (the
+        benchmarks pass one): ``set_epoch(epoch, skip_batches)``, ``len()`` batches per
+        epoch, and batches ``{"name", "image" uint8 NCHW, "mask" uint8 NHW}``."""
         self.cfg = cfg
         log_with = "wandb" if wandb_mode(cfg.wandb.mode) != "disabled" else None
         self.accelerator = acc = make_accelerator(
@@ -162,7 +165,7 @@ class Trainer:
                       border=cfg.data.border, size=cfg.data.size,
                       pin_memory=cfg.data.pin_memory and acc.device.type == "cuda",
                       persistent_workers=cfg.data.persistent_workers)  # fmt: skip
-        self.train_loader = build_loader(
+        self.train_loader = train_loader if train_loader is not None else build_loader(
             self.manifest, cfg.data.train_split, batch_size=cfg.train.batch_size, train=True,
             seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer, **common,
         )  # fmt: skip

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import inspect
 import math
 import os
 import time
@@ -166,18 +165,12 @@ class TimedLoader:
 
 
 def trainer_with_loader(cfg, loader):
-    """A Trainer of ``cfg`` that trains on ``loader``: the one place the bench reaches into
-    the Trainer. With the constructor argument ``Trainer(cfg, train_loader=loader)``
-    (requested by issue 15) it is that call; without it the attribute the loop reads is
-    swapped after construction. Its console is silenced (no progress bars in the tables)."""
+    """A Trainer of ``cfg`` that trains on ``loader``, its console silenced (no progress
+    bars in the tables)."""
     from dist_seg.console import Console
     from dist_seg.train import Trainer
 
-    if "train_loader" in inspect.signature(Trainer.__init__).parameters:
-        trainer = Trainer(cfg, train_loader=loader)
-    else:
-        trainer = Trainer(cfg)
-        trainer.train_loader, trainer.steps_per_epoch = loader, len(loader)
+    trainer = Trainer(cfg, train_loader=loader)
     trainer.console = Console(enabled=False)
     return trainer
 
