@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -68,11 +69,24 @@ def uses_deepspeed() -> bool:
     return parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
 
 
-def apply_speed_switches(cudnn_benchmark: bool) -> None:
+def apply_speed_switches(
+    cudnn_benchmark: bool = True, tf32: bool = True, deterministic: bool = False
+) -> None:
+    """train.cudnn_benchmark, train.tf32 and train.deterministic, applied in one place.
+
+    ``deterministic``: cuDNN's deterministic algorithms with benchmarking off, and
+    torch.use_deterministic_algorithms (warn_only: an op without a deterministic kernel
+    warns instead of stopping the run), so that a resumed run can end bit-identical on a
+    GPU too, as it does on CPU. It costs speed: cudnn.benchmark picks the fastest kernels,
+    often nondeterministic ones (measure it with `dist-seg bench train --switches`)."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it
+        torch.use_deterministic_algorithms(True, warn_only=True)
     if torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = cudnn_benchmark
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = cudnn_benchmark and not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
 
 
 def sync_buffers(model: torch.nn.Module, accelerator: Accelerator) -> None:

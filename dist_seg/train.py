@@ -131,7 +131,7 @@ class Trainer:
         self.accelerator = acc = make_accelerator(
             cfg.train.precision, cfg.optim.grad_accum, log_with
         )
-        apply_speed_switches(cfg.train.cudnn_benchmark)
+        apply_speed_switches(cfg.train.cudnn_benchmark, cfg.train.tf32, cfg.train.deterministic)
         if cfg.train.sync_bn and acc.device.type != "cuda":
             raise UserError(
                 "train.sync_bn=true needs GPUs: torch's SyncBatchNorm does not run on CPU; "
@@ -183,9 +183,14 @@ class Trainer:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        # Fused Adam on CUDA: one kernel for all parameters, and with fp16 the grad scaler
+        # hands it the inf check instead of reading it on the host; foreach elsewhere (and
+        # under DeepSpeed, whose ZeRO optimizer wraps this one's flattened groups).
+        fused = acc.device.type == "cuda" and acc.state.deepspeed_plugin is None
         optimizer = torch.optim.Adam(
-            model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
-        )
+            model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+            fused=fused or None, foreach=None if fused else True,
+        )  # fmt: skip
         self.steps_per_epoch = len(self.train_loader)
         total = cfg.train.epochs * self.steps_per_epoch // cfg.optim.grad_accum
         self.scheduler = make_scheduler(optimizer, cfg, total)
@@ -607,9 +612,14 @@ def make_ema(model: torch.nn.Module, cfg: Config) -> torch.optim.swa_utils.Avera
             return
         n = float(n)
         d = min(decay, (1 + n) / (10 + n)) if warmup else decay
+        if params[0].dtype != ema_params[0].dtype:  # a bf16 model (DeepSpeed bf16)
+            params = [p.float() for p in params]
         torch._foreach_lerp_(ema_params, params, 1 - d)
 
-    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+    # The average stays in fp32 whatever the model's dtype: in bf16 (8 bits of mantissa) a
+    # lerp by 1 - 0.999 moves a weight by less than its rounding step, and the EMA never moves.
+    return ema.float()
 
 
 def keep_numbered(run_dir: Path, step: int, keep: int) -> None:

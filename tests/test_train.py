@@ -206,3 +206,23 @@ def test_early_stopping_stops_after_patience(packed, tmp_path):
     assert summary["early_stopped"] == len(history) < 30
     dices = [r["val_dice_per_image"] for r in history]
     assert max(dices[:-1]) >= dices[-1]  # the last epoch did not improve
+
+
+def test_ema_of_a_bf16_model_moves_by_a_small_lerp():
+    """The EMA is kept in fp32: a lerp by 0.001 from 1.0 to 2.0 gives 1.001, which bf16
+    (step 2**-7 near 1) would round back to 1.0, so a bf16 average would never move."""
+    from dist_seg.config import load_config
+    from dist_seg.train import make_ema
+
+    model = torch.nn.Linear(1, 1, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    cfg = load_config(None, [{"train": {"ema_decay": 0.999, "ema_warmup": False}}])
+    ema = make_ema(model, cfg)
+    ema.update_parameters(model)  # the first update copies the weights
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    ema.update_parameters(model)
+    assert ema.module.weight.dtype == torch.float32
+    assert ema.module.weight.item() == pytest.approx(1.001, abs=1e-6)
+    assert torch.tensor(1.001).to(torch.bfloat16).item() == 1.0  # what bf16 would have kept
