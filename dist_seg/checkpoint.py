@@ -70,8 +70,8 @@ def read_torch_bytes(data: bytes, path: Path, what: str = "checkpoint", map_loca
         # Neither: torch would run its legacy unpickler on it, and a text file then gives
         # a KeyError from deep inside torch (seen: KeyError(101) for a file starting "hello").
         raise UserError(
-            f"{what} {path} is not a file written by torch.save (it is not a zip archive); "
-            "give the path of a .pt file written by dist-seg"
+            f"{what} {path} cannot be read: it is not a file written by torch.save (not a "
+            "zip archive); check the path"
         )
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
@@ -106,8 +106,10 @@ class TrainState:
     # Saves happen only at accumulation-window boundaries, so no gradients are kept:
     # pending_micro_steps is 0 in every file this version writes (checked at resume).
     accumulation: dict = field(default_factory=lambda: {"grad_accum": 1, "pending_micro_steps": 0})
-    data_plan: dict = field(default_factory=dict)  # data_plan_fingerprint() of the writer
-    data: dict = field(default_factory=dict)  # the loader's own state (opaque here)
+    # The train loader's state (EpochLoader.state_dict: its data-plan fingerprint and what
+    # of the epoch was trained), from which any world size or worker count can resume.
+    data_plan: dict = field(default_factory=dict)
+    global_step: int = -1  # micro-steps trained in the whole run (W&B's step); -1: unknown
     history: list = field(default_factory=list)
     best: dict = field(default_factory=lambda: {"dice_per_image": -1.0, "epoch": 0})
     skipped_batches: int = 0

@@ -15,7 +15,7 @@ from dist_seg.errors import UserError
 # compare matplotlib, which would add seconds to every other command.
 PLUGINS: dict[str, tuple[str, str]] = {
     "compare": ("dist_seg.compare", "overlay runs' loss and Dice curves and tabulate their best epochs"),
-    "bench": ("dist_seg.bench", "speed: streaming loader vs per-file loader; train step vs seed step"),
+    "bench": ("dist_seg.bench", "speed: streaming loader vs per-file and webdataset loaders; train step vs seed step; max batch"),
     "export": ("dist_seg.export", "a checkpoint as ONNX or TorchScript (dynamic batch and size), checked"),
 }  # fmt: skip
 
@@ -86,6 +86,56 @@ def _legacy_overrides(args) -> dict:
     return over
 
 
+def _add_mask_policy(p) -> None:
+    p.add_argument(
+        "--foreground-values",
+        help="mask policy 'values': these stored values are foreground (e.g. 255 or 1,2); "
+        "default policy: any non-zero value is foreground",
+    )
+    p.add_argument(
+        "--mask-threshold",
+        type=float,
+        help="mask policy 'threshold': values >= it are foreground (lossy masks: 128)",
+    )
+    p.add_argument("--ignore-value", type=int, help="a stored mask value that is not scored")
+
+
+def _mask_policy(args):
+    """The MaskPolicy that --foreground-values / --mask-threshold / --ignore-value name."""
+    from dist_seg.data.masks import MaskPolicy
+
+    if args.foreground_values and args.mask_threshold is not None:
+        raise UserError("pack: --foreground-values or --mask-threshold, not both")
+    if args.foreground_values:
+        try:
+            values = tuple(int(v) for v in args.foreground_values.split(","))
+        except ValueError:
+            raise UserError(f"--foreground-values {args.foreground_values!r}: integers") from None
+        policy = MaskPolicy("values", values=values, ignore=args.ignore_value)
+    elif args.mask_threshold is not None:
+        policy = MaskPolicy("threshold", threshold=args.mask_threshold, ignore=args.ignore_value)
+    else:
+        policy = MaskPolicy("nonzero", ignore=args.ignore_value)
+    return policy
+
+
+def _generic_options(args) -> dict:
+    """pack_generic's keyword arguments from `pack --images/--masks` flags."""
+    from dist_seg.data.generic import parse_fractions
+
+    if not (args.images and args.masks):
+        raise UserError("pack: --images and --masks go together")
+    policy = _mask_policy(args)
+    lists = {}
+    for item in args.split_list:
+        split, eq, path = item.partition("=")
+        if not eq or not path:
+            raise UserError(f"--split-list {item!r}: expected SPLIT=FILE, like train=train.txt")
+        lists[split] = Path(path)
+    return dict(match=args.match, policy=policy, split_lists=lists or None,
+                fractions=parse_fractions(args.split_fractions))  # fmt: skip
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The whole parser; given ``argv``, plugin commands other than the one chosen are
     placeholders (their help only), and their modules are not imported."""
@@ -97,6 +147,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "synth", help="write a synthetic Oxford-IIIT Pet twin (same layout and oddities)"
     )
     p.add_argument("--root", required=True)
+    p.add_argument(
+        "--layout",
+        default="pets",
+        choices=("pets", "generic"),
+        help="pets: the Oxford-IIIT Pet layout; generic: images/ + masks/<stem>_mask.png|gif "
+        "(JPEG images, 0/255 PNG and palette GIF masks, three broken pairs)",
+    )
     p.add_argument("--num-images", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing set in --root")
@@ -105,14 +162,59 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--root", required=True)
     p.add_argument("--base-url", help="a mirror holding images.tar.gz and annotations.tar.gz")
 
-    p = sub.add_parser("pack", help="pack a data set into WebDataset shards + manifest.json")
-    p.add_argument("--root", required=True)
+    p = sub.add_parser(
+        "pack",
+        help="pack a data set into WebDataset shards + manifest.json",
+        description="Either --root (an Oxford-IIIT Pet root) or --images DIR --masks DIR "
+        "(any binary segmentation set; README 'Your own data').",
+    )
+    p.add_argument("--root", help="an Oxford-IIIT Pet root (images/, annotations/)")
+    p.add_argument("--images", help="a folder of images (or of train/ val/ test/ folders)")
+    p.add_argument("--masks", help="the folder of their masks, laid out alike")
+    p.add_argument(
+        "--match",
+        default="{stem}",
+        help="a mask's name (no extension) from its image's: '{stem}' (default, same name), "
+        "'{stem}_mask' (Carvana), '{stem}_segmentation' (ISIC)",
+    )
+    _add_mask_policy(p)
+    p.add_argument(
+        "--split-list",
+        action="append",
+        default=[],
+        metavar="SPLIT=FILE",
+        help="a list file of one split (one name per line); repeat per split",
+    )
+    p.add_argument(
+        "--split-fractions",
+        help="train,val,test fractions of the hash split (default 0.8,0.1,0.1)",
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--size", type=int, default=256, help="side in pixels; 0 keeps originals")
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--encoding", default="raw", choices=("raw", "jpeg"))
     p.add_argument("--skip-bad", action="store_true", help="skip and count unreadable samples")
+
+    p = sub.add_parser(
+        "index",
+        help="a manifest for WebDataset shards written by others (train on them as they are)",
+    )
+    p.add_argument(
+        "--shards", required=True, help="a folder of .tar shards; the manifest goes there"
+    )
+    p.add_argument("--image-key", default="jpg", help="the image member's extension (jpg)")
+    p.add_argument("--mask-key", default="png", help="the mask member's extension (png)")
+    p.add_argument("--meta-key", help="a json member to require in every sample (optional)")
+    p.add_argument(
+        "--split-by-prefix",
+        action="store_true",
+        help="the split is each shard's name up to its first - or _ (train-000000.tar)",
+    )
+    p.add_argument(
+        "--split", default="train", help="the split of every shard, without --split-by-prefix"
+    )
+    _add_mask_policy(p)
 
     _add_train(sub)
 
@@ -125,6 +227,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--tta", action="store_true", help="average the logits over flips")
+    p.add_argument(
+        "--original-size",
+        action="store_true",
+        help="also score at each image's original size (logits upsampled, original masks)",
+    )
 
     p = sub.add_parser("predict", help="masks for any images, at their original resolution")
     which = p.add_mutually_exclusive_group(required=True)
@@ -143,6 +250,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="synthesize, pack, train a small model on CPU, evaluate")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--epochs", type=int, default=None)
+    p.add_argument(
+        "--data",
+        default="pets",
+        choices=("pets", "generic"),
+        help="pets: a synthetic Oxford-IIIT Pet; generic: a synthetic images + masks folder",
+    )
     return parser
 
 
@@ -152,9 +265,10 @@ def run(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is not None:
         return args.func(args) or 0
     if args.command == "synth":
-        from dist_seg.data.synth import make_synthetic
+        from dist_seg.data.synth import make_synthetic, make_synthetic_generic
 
-        summary = make_synthetic(
+        make = make_synthetic_generic if args.layout == "generic" else make_synthetic
+        summary = make(
             Path(args.root), num_images=args.num_images, seed=args.seed, overwrite=args.overwrite
         )
         print(f"synthetic data set in {args.root}: {summary}")
@@ -165,25 +279,35 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "pack":
         from rich.progress import Progress
 
-        from dist_seg.data.pack import pack
+        from dist_seg.data.pack import pack, pack_generic
 
+        options = dict(size=args.size, shard_size=args.shard_size, workers=args.workers,
+                       encoding=args.encoding, skip_bad=args.skip_bad)  # fmt: skip
+        if bool(args.root) == bool(args.images or args.masks):
+            raise UserError("pack: give either --root (Oxford-IIIT Pet) or --images and --masks")
         with Progress() as progress:
-            m = pack(
-                Path(args.root),
-                Path(args.out),
-                size=args.size,
-                shard_size=args.shard_size,
-                workers=args.workers,
-                encoding=args.encoding,
-                skip_bad=args.skip_bad,
-                progress=progress,
-            )
+            if args.root:
+                m = pack(Path(args.root), Path(args.out), progress=progress, **options)
+            else:
+                m = pack_generic(
+                    Path(args.images or ""), Path(args.masks or ""), Path(args.out),
+                    progress=progress, **_generic_options(args), **options,
+                )  # fmt: skip
         counts = {k: v["num_samples"] for k, v in m["splits"].items()}
         skipped = len(m["source"]["skipped"])
         print(
             f"packed {counts} into {args.out} ({m['encoding']}, {m['image_size'] or 'original'} px"
             f"{f', {skipped} skipped' if skipped else ''})"
         )
+    elif args.command == "index":
+        from dist_seg.data.index import index
+
+        m = index(Path(args.shards), image_key=args.image_key, mask_key=args.mask_key,
+                  meta_key=args.meta_key, policy=_mask_policy(args),
+                  split_by_prefix=args.split_by_prefix, split=args.split)  # fmt: skip
+        counts = {k: v["num_samples"] for k, v in m["splits"].items()}
+        print(f"indexed {counts} in {args.shards}/manifest.json (image {args.image_key!r}, "
+              f"mask {args.mask_key!r}, masks: {_mask_policy(args).describe()})")  # fmt: skip
     elif args.command == "train":
         from dist_seg.config import load_config, parse_set
         from dist_seg.train import EXIT_PREEMPTED, train
@@ -203,6 +327,7 @@ def run(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             num_workers=args.workers,
             tta=args.tta,
+            original_size=args.original_size,
         )
     elif args.command == "predict":
         from dist_seg.predict import predict
@@ -211,7 +336,7 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "demo":
         from dist_seg.demo import demo
 
-        demo(Path(args.out), epochs=args.epochs)
+        demo(Path(args.out), epochs=args.epochs, data_kind=args.data)
     return 0
 
 

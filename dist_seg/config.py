@@ -29,6 +29,7 @@ class DataConfig:
     shuffle_buffer: int = 256
     num_workers: int = 2
     persistent_workers: bool = True  # keep loader workers across epochs (no restart per epoch)
+    record_samples: bool = False  # keys each rank trained: RUN/samples/epoch-E/rank-R.txt
     pin_memory: bool = True  # CUDA only: page-locked batches, copied with non_blocking=True
     train_split: str = "train"
     val_split: str = "val"
@@ -64,6 +65,8 @@ class TrainConfig:
     sync_bn: bool = False  # SyncBatchNorm across GPUs (tiny per-GPU batches); GPU only
     compile: bool = False
     cudnn_benchmark: bool = True
+    tf32: bool = True  # TF32 matmuls and convolutions on CUDA (Ampere+); false: full fp32
+    deterministic: bool = False  # deterministic kernels (GPU resume bit-identical); slower
     log_every: int = 20  # steps between plain log lines when stdout is not a terminal
     early_stop_patience: int = 0  # stop after N epochs without a better val Dice (0 = off)
     ema_decay: float = 0.0  # EMA of the weights, evaluated and saved beside them (0 = off)

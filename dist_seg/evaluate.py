@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from dist_seg import metrics
 from dist_seg.checkpoint import model_from_checkpoint
@@ -25,16 +26,19 @@ from dist_seg.viz import save_mask_png, save_png, side_by_side
 @torch.no_grad()
 def evaluate(
     model, loader, accelerator, *, channels_last=True, console=None, on_batch=None,
-    normalize=False, tta=False,
+    normalize=False, tta=False, original_size=False,
 ) -> dict:  # fmt: skip
     """Metrics of ``model`` (a plain module, not the DDP wrapper: an eval forward must not
     start collectives, since ranks may hold different batch counts) over this rank's part
     of ``loader``, reduced across ranks once at the end. With ``tta`` the logits are the
-    mean over flips, and the plain model's metrics come back too, under "no_tta"."""
+    mean over flips, and the plain model's metrics come back too, under "no_tta". With
+    ``original_size`` (a loader built with full_masks) the logits are also upsampled to each
+    image's original size and scored against its original mask, under "original_size"."""
     was_training = model.training
     model.eval()
     stats = metrics.zeros(accelerator.device)
     plain = metrics.zeros(accelerator.device)
+    full = metrics.zeros(accelerator.device)
     dtype = next(model.parameters()).dtype
     console = console or Console(enabled=False)
     with console.progress("eval", len(loader)) as update:
@@ -48,6 +52,8 @@ def evaluate(
                     plain += metrics.batch_stats(logits, masks)
                     logits = flip_tta(model, images, identity=logits)  # 4 passes, not 5
             stats += metrics.batch_stats(logits, masks)
+            if original_size:
+                full += original_size_stats(logits, batch["full_mask"])
             if on_batch is not None:
                 on_batch(batch, logits)
             update()
@@ -55,7 +61,21 @@ def evaluate(
     result = metrics.summarize(accelerator.reduce(stats, reduction="sum"))
     if tta:
         result["no_tta"] = metrics.summarize(accelerator.reduce(plain, reduction="sum"))
+    if original_size:
+        result["original_size"] = metrics.summarize(accelerator.reduce(full, reduction="sum"))
     return result
+
+
+def original_size_stats(logits: torch.Tensor, full_masks: list[np.ndarray]) -> torch.Tensor:
+    """metrics.FIELDS of a batch scored at each image's original size: its logits upsampled
+    (bilinear, as the images were resized) to its original mask's size."""
+    stats = metrics.zeros(logits.device)
+    for i, full in enumerate(full_masks):
+        mask = torch.from_numpy(np.ascontiguousarray(full)).to(logits.device)
+        up = F.interpolate(logits[i : i + 1].float(), size=mask.shape, mode="bilinear",
+                           align_corners=False)  # fmt: skip
+        stats += metrics.batch_stats(up, mask[None])
+    return stats
 
 
 def run_evaluate(
@@ -67,6 +87,7 @@ def run_evaluate(
     batch_size: int = 8,
     num_workers: int = 2,
     tta: bool = False,
+    original_size: bool = False,
 ) -> dict:
     """`dist-seg evaluate`: metrics.json (+ masks and overlays) for one split; any world size."""
     out_dir = Path(out) if out else Path(checkpoint).resolve().parent
@@ -92,25 +113,30 @@ def run_evaluate(
         size=cfg.data.size,
         pin_memory=cfg.data.pin_memory and accelerator.device.type == "cuda",
         persistent_workers=False,  # one pass
+        full_masks=original_size,
     )
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(accelerator.device, memory_format=memory_format)
     on_batch = (lambda b, logits: _save_masks(b, logits, mask_dir)) if mask_dir else None
     result = evaluate(model, loader, accelerator, channels_last=cfg.train.channels_last,
                       console=console, on_batch=on_batch, normalize=uses_imagenet_norm(cfg),
-                      tta=tta)  # fmt: skip
+                      tta=tta, original_size=original_size)  # fmt: skip
     expected = manifest.num_samples(split)
     if result["num_images"] != expected:
         raise DataError(
             f"evaluated {result['num_images']} images of split {split!r} but "
             f"{manifest.location} lists {expected}; the shards are damaged, repack them"
         )
-    result.update(split=split, checkpoint=str(checkpoint), shards=str(shards), tta=tta)
+    result.update(split=split, checkpoint=str(checkpoint), shards=str(shards), tta=tta,
+                  size=list(loader.stream.reader.size or ()))  # fmt: skip
     if accelerator.is_main_process:
         tmp = out_dir / ".metrics.json.tmp"
         tmp.write_text(json.dumps(result, indent=2))
         os.replace(tmp, out_dir / "metrics.json")
-        console.table(f"{split} ({result['num_images']} images)", _headline(result))
+        side = "x".join(map(str, result["size"])) or "packed size"
+        console.table(f"{split} ({result['num_images']} images, at {side})", _headline(result))
+        if original_size:
+            console.table(f"{split} at each image's original size", _headline(result["original_size"]))  # fmt: skip
         console.print(
             f"metrics: {out_dir / 'metrics.json'}" + (f"  masks: {mask_dir}" if mask_dir else "")
         )

@@ -9,6 +9,7 @@ job continues the same W&B run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import string
@@ -89,6 +90,10 @@ class Tracker:
                   f"goes on without it (the run's files are in {self.run_dir})",
                   file=sys.stderr, flush=True)  # fmt: skip
             self.enabled = False
+            with contextlib.suppress(Exception):  # drop the dead service: no traceback at exit
+                import wandb
+
+                wandb.teardown()
 
     def collector(self, panel: list):
         """An evaluate() on_batch hook keeping the first ``wandb.log_images`` samples as

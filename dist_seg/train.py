@@ -29,7 +29,8 @@ from dist_seg.checkpoint import (
 )
 from dist_seg.config import Config, config_from_dict, dump_config
 from dist_seg.console import Console, wandb_mode
-from dist_seg.data.manifest import check_shards, load_manifest
+from dist_seg.data.manifest import FORMAT_VERSION, check_shards, load_manifest
+from dist_seg.data.records import SampleRecorder, summarize
 from dist_seg.data.stream import build_loader
 from dist_seg.data.transforms import random_flips, to_device
 from dist_seg.errors import UserError
@@ -100,7 +101,11 @@ def prepare_shards(cfg: Config, accelerator, console) -> str:
     current = json.loads(manifest.read_text()) if manifest.exists() else {}
     root = str(Path(cfg.data.root).resolve())
     size = cfg.data.size or 256
-    fresh = current.get("source", {}).get("root") == root and current.get("image_size") == size
+    fresh = (
+        current.get("source", {}).get("root") == root
+        and current.get("image_size") == size
+        and current.get("format_version", 1) == FORMAT_VERSION  # older packs: repacked once
+    )
     error = None
     if not fresh and accelerator.is_main_process:
         console.print(f"packing {root} into {shards} (once; later runs reuse it)")
@@ -124,8 +129,10 @@ def weights_digest(model: torch.nn.Module) -> str:
 class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None, train_loader=None):
         """``train_loader``: train on this loader instead of building one from ``cfg`` (the
-        benchmarks pass one): ``set_epoch(epoch, skip_batches)``, ``len()`` batches per
-        epoch, and batches ``{"name", "image" uint8 NCHW, "mask" uint8 NHW}``."""
+        benchmarks pass one). It does what stream.EpochLoader does: ``set_epoch``,
+        ``len()`` (batches left in the epoch), ``skip_batches``, ``trained_before``,
+        ``keys_trained_before``, ``state_dict``, ``load_state_dict``, and batches
+        ``{"name", "key", "image" uint8 NCHW, "mask" uint8 NHW}``."""
         self.cfg = cfg
         log_with = "wandb" if wandb_mode(cfg.wandb.mode) != "disabled" else None
         self.accelerator = acc = make_accelerator(
@@ -200,9 +207,10 @@ class Trainer:
         self.best = {"dice_per_image": -1.0, "epoch": 0}
         self.train_sums = torch.zeros(2, dtype=torch.float64)
         self.stop_requested, self.skipped_batches = False, 0
-        self.data_plan = data_plan_fingerprint(
-            cfg, self.world, self.manifest.num_samples(cfg.data.train_split)
-        )
+        self.epoch_base = 0  # global step at which the current epoch's plan began
+        # The audit trail: every rank's trained keys (history digest; files if asked).
+        self.recorder = SampleRecorder(self.run_dir, self.rank, self.world, cfg.data.record_samples)
+        self.loader_positioned = False  # True once a resume has placed the train loader
         # Resume before prepare: DDP broadcasts rank 0's weights once, in prepare, and
         # DeepSpeed builds its fp32 master partitions there; both must start from these.
         self.resumed_from: Path | None = None
@@ -277,10 +285,15 @@ class Trainer:
         """Trains from ``self.step`` to the end of ``self.epoch``; False if preempted."""
         cfg, acc = self.cfg, self.accelerator
         loader = self.train_loader
-        loader.set_epoch(self.epoch, skip_batches=self.step)
+        if not self.loader_positioned:  # a resume has placed it already (load_state_dict)
+            loader.set_epoch(self.epoch, skip_batches=self.step)
+        self.loader_positioned = False
+        # A resumed epoch replanned for another world size is shorter than a full one.
+        epoch_steps = loader.skip_batches + len(loader)
+        self.recorder.start_epoch(self.epoch, loader.trained_before(self.epoch))
         self.model.train()
         global_batch = cfg.train.batch_size * self.world
-        accum, last = cfg.optim.grad_accum, self.steps_per_epoch - 1
+        accum, last = cfg.optim.grad_accum, epoch_steps - 1
         # train.nonfinite=skip: the forward of a skipped batch has already moved BatchNorm's
         # running statistics; they are put back from this copy (a few KB, every step).
         bn = batchnorm_buffers(self.raw_model) if cfg.train.nonfinite == "skip" else []
@@ -334,9 +347,10 @@ class Trainer:
                         self.train_sums[1] += (masks != metrics.IGNORE_INDEX).sum()
                     self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
+                self.recorder.add(data["key"])  # trained (or skipped as non-finite): consumed
                 every = cfg.run.checkpoint_every
                 save_due |= bool(every) and self.global_step() % every == 0
-                if self.step % cfg.train.log_every == 0 or self.step == self.steps_per_epoch:
+                if self.step % cfg.train.log_every == 0 or self.step == epoch_steps:
                     # global, not rank 0's
                     window = acc.reduce(self.train_sums.clone(), reduction="sum")
                     loss_now = (window[0] / window[1]).item()
@@ -348,7 +362,7 @@ class Trainer:
                     update()
                 # Stops and periodic saves only between windows: a checkpoint never needs
                 # gradients accumulated so far (a few more batches at most).
-                if not boundary or self.step == self.steps_per_epoch:
+                if not boundary or self.step == epoch_steps:
                     continue
                 if stop:
                     return False
@@ -379,6 +393,9 @@ class Trainer:
             ema = evaluate(self.ema.module, self.val_loader, acc, normalize=self.normalize,
                            channels_last=cfg.train.channels_last)  # fmt: skip
             val |= {f"ema_{k}": v for k, v in ema.items() if k != "num_images"}
+        keys = self.recorder.end_epoch()  # this rank's, then every rank's
+        everyone = gather_object(keys) if self.world > 1 else keys
+        samples, digest = summarize(everyone + self.train_loader.keys_trained_before(self.epoch))
         row = {
             "epoch": self.epoch + 1,
             "train_loss": (totals[0] / totals[1]).item(),
@@ -390,6 +407,8 @@ class Trainer:
             "val_images": val["num_images"],
             **{f"val_{k}": v for k, v in val.items() if k.startswith("ema_")},
             "skipped_batches": self.skipped_batches,
+            "train_samples": samples,  # trained this epoch, all ranks
+            "train_samples_digest": digest,  # sha256 of the sorted keys (records.py)
             "lr": self.scheduler.get_last_lr()[0],
             "epoch_seconds": round(train_seconds, 2),
         }
@@ -398,6 +417,7 @@ class Trainer:
         improved = row[key] > self.best["dice_per_image"]  # all-reduced: same on all ranks
         if improved:
             self.best = {"dice_per_image": row[key], "epoch": self.epoch + 1}
+        self.epoch_base += self.step
         self.epoch, self.step = self.epoch + 1, 0
         self.train_sums.zero_()
         self.tracker.log({f"val/{k[4:]}": v for k, v in row.items() if k.startswith("val_")}
@@ -414,7 +434,7 @@ class Trainer:
         self.tracker.log_curves(self.run_dir / "curves.png", step=self.global_step())
 
     def global_step(self) -> int:
-        return self.epoch * self.steps_per_epoch + self.step
+        return self.epoch_base + self.step
 
     # --- checkpoints ---------------------------------------------------------------------
     def on_main(self, write) -> None:
@@ -461,7 +481,10 @@ class Trainer:
                 ema=self.ema.state_dict() if self.ema is not None else None,
                 accumulation={"grad_accum": self.cfg.optim.grad_accum,
                               "pending_micro_steps": 0},  # saves happen between windows only
-                data_plan=self.data_plan, history=self.history, best=self.best,
+                data_plan=self.train_loader.state_dict(
+                    self.epoch, self.step, grad_accum=self.cfg.optim.grad_accum
+                ),
+                global_step=self.global_step(), history=self.history, best=self.best,
                 skipped_batches=self.skipped_batches, train_sums=sums,
                 wandb_id=self.tracker.run_id,
             )  # fmt: skip
@@ -493,19 +516,6 @@ class Trainer:
                 f"checkpoint {path} is a {saved.model.name} width {saved.model.width}, this run a "
                 f"{cfg.model.name} width {cfg.model.width}; resume with the same model"
             )
-        changed = {
-            k: (v, self.data_plan.get(k))
-            for k, v in state.data_plan.items()
-            if v != self.data_plan.get(k)
-        }
-        if changed:
-            what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
-            raise UserError(
-                f"checkpoint {path} was written with another data plan ({what}): resuming would "
-                "train some samples twice and skip others; resume with the same processes, "
-                "data.num_workers, train.batch_size, data.shuffle_buffer, optim.grad_accum, "
-                "train.seed and data"
-            )
         if state.accumulation.get("pending_micro_steps", 0):
             raise UserError(
                 f"checkpoint {path} was saved inside a gradient-accumulation window, without "
@@ -529,15 +539,22 @@ class Trainer:
             self.train_sums = sums[self.rank].clone()
         else:  # the epoch's total on one rank: the all-reduced train_loss stays right
             self.train_sums = sums.sum(0) if self.main else torch.zeros(2, dtype=torch.float64)
+        # scripts parse this line; S counts batches of the interrupted run
         self.console.print(f"resumed from {path} at epoch {self.epoch + 1} step {self.step}")
-        plan = self.data_plan
-        self.console.print(
-            ("data plan unchanged" if state.data_plan else "checkpoint without a data plan "
-             "(an older dist_seg): assuming it is unchanged") + f" ({plan['world_size']} "
-            f"processes x {plan['num_workers']} loader workers, batch {plan['batch_size']}, "
-            f"grad_accum {plan['grad_accum']}, shuffle buffer {plan['shuffle_buffer']}, seed "
-            f"{plan['seed']}, {plan['train_samples']} train samples): continuing exactly"
+        total = state.global_step if state.global_step >= 0 else (
+            state.epoch * self.steps_per_epoch + state.step  # older files: same plan assumed
         )  # fmt: skip
+        if state.data_plan.get("version") is None:  # before the data plan was saved
+            note = (
+                "checkpoint without a data-plan state (an older dist_seg): assuming it is unchanged"
+            )
+        else:  # the same batches, or the rest of the epoch replanned (data/plan.py)
+            note = self.train_loader.load_state_dict(
+                state.data_plan, grad_accum=cfg.optim.grad_accum
+            )
+            self.step, self.loader_positioned = self.train_loader.skip_batches, True
+        self.epoch_base = total - self.step
+        self.console.print(note)
 
     def finish(self, extra: dict, t_start: float) -> dict:
         digest = weights_digest(self.raw_model)
@@ -565,23 +582,11 @@ class Trainer:
                     f"{self.run_dir}/ best.pt last.pt history.csv curves.png"
                 )
         self.tracker.finish()
+        self.recorder.close()
         self.preemption.restore()
         self.model = self.optimizer = self.train_loader = self.val_loader = None
         release(self.accelerator)
         return summary
-
-
-def data_plan_fingerprint(cfg: Config, world_size: int, train_samples: int) -> dict:
-    """What decides which samples each rank trains at each step of an epoch."""
-    return {
-        "seed": cfg.train.seed,
-        "world_size": world_size,
-        "num_workers": cfg.data.num_workers,
-        "batch_size": cfg.train.batch_size,
-        "shuffle_buffer": cfg.data.shuffle_buffer,
-        "grad_accum": cfg.optim.grad_accum,
-        "train_samples": train_samples,
-    }
 
 
 def stop_workers(*loaders) -> None:

@@ -7,6 +7,7 @@ Imported as ``from helpers import ...``: pytest's default import mode puts this 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -89,7 +90,31 @@ def read_wandb(run_dir: Path) -> list[dict]:
         out = subprocess.run([wandb, "leet", "inspect", "--json", str(d)], capture_output=True,
                              text=True, timeout=120, check=True).stdout  # fmt: skip
         records = [json.loads(line) for line in out.splitlines() if line.strip()]
-        head = next(r["run"] for r in records if r["type"] == "run")
         rows = [r["history"]["item"] for r in records if r["type"] == "history"]
-        runs.append({"id": head["run_id"], "start": head["start_time"], "rows": rows})
+        # offline-run-<YYYYmmdd_HHMMSS>-<id>: a run killed early may hold no run record
+        runs.append({"id": d.name.rsplit("-", 1)[1], "start": d.name, "rows": rows})
     return sorted(runs, key=lambda r: r["start"])
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), children first."""
+    out, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                kids = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it at once, as a node that dies does.
+    Not os.killpg of the launcher: torchrun starts each rank in a session of its own, so
+    that would kill the launcher alone and leave the ranks training to the end."""
+    for p in [pid, *descendants(pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, 9)

@@ -419,8 +419,8 @@ CASES: dict[str, Case] = {
     "config-sync-bn-on-cpu": Case(config_set("train.sync_bn=true"), ("train.sync_bn=true needs GPUs",)),
     # checkpoints, evaluate, predict
     "evaluate-checkpoint-truncated": Case(checkpoint_truncated, ("checkpoint", "cut.pt cannot be read", "truncated")),
-    "evaluate-checkpoint-is-text": Case(checkpoint_is_text, ("notes.pt is not a file written by torch.save", "not a zip archive")),
-    "resume-checkpoint-is-text": Case(resume_from_text, ("notes.pt is not a file written by torch.save",)),
+    "evaluate-checkpoint-is-text": Case(checkpoint_is_text, ("notes.pt cannot be read: it is not a file written by torch.save", "not a zip archive")),
+    "resume-checkpoint-is-text": Case(resume_from_text, ("notes.pt cannot be read: it is not a file written by torch.save",)),
     "resume-checkpoint-other-width": Case(resume_other_width, ("runs/base/last.pt is a unet width 0.0625", "width 0.125")),
     "evaluate-split-not-in-manifest": Case(evaluate_missing_split, ("has no split 'test'",)),
     "evaluate-one-shard-two-workers": Case(evaluate_one_shard_two_workers, check=evaluated_every_sample),

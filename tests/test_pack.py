@@ -15,6 +15,7 @@ from PIL import Image
 
 from dist_seg import __version__
 from dist_seg.data import pets
+from dist_seg.data.codec import JPEG_QUALITY, JPEG_SUBSAMPLING
 from dist_seg.data.manifest import (
     FORMAT_VERSION,
     MANIFEST,
@@ -22,7 +23,7 @@ from dist_seg.data.manifest import (
     sha256_file,
     verify_shards,
 )
-from dist_seg.data.pack import JPEG_QUALITY, JPEG_SUBSAMPLING, pack
+from dist_seg.data.pack import pack
 from dist_seg.data.stream import build_loader
 from dist_seg.data.synth import make_synthetic
 from dist_seg.errors import DataError, UserError

@@ -138,6 +138,17 @@ class TimedLoader:
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch = epoch
 
+    skip_batches = 0  # the rest of the trainer's loader contract: never resumed here
+
+    def trained_before(self, epoch: int) -> list[int]:
+        return []
+
+    def keys_trained_before(self, epoch: int) -> list[str]:
+        return []
+
+    def state_dict(self, epoch: int, batches_done: int, grad_accum: int = 1) -> dict:
+        return self.loader.state_dict(epoch, 0, grad_accum)
+
     def __len__(self) -> int:  # the trainer sees a real epoch's length (its logging cadence)
         return max(len(self.loader), self.count)
 

@@ -1,14 +1,19 @@
 """manifest.json: what a pack holds, and the check that shards are still what it says.
 
-Schema (format_version 1), written by `dist-seg pack` after every shard is whole::
+Schema (format_version 2), written by `dist-seg pack` (or `dist-seg index`) after every
+shard is whole::
 
     {
-      "format_version": 1,
+      "format_version": 2,
       "toolkit_version": "0.1.0",         # dist_seg that wrote it
       "created": "2026-11-24T12:00:00Z",
-      "source": {"dataset": "oxford-iiit-pet", "root": "/abs/path", "skipped": ["name: reason"]},
+      "source": {"kind": "pets",          # pets | generic | webdataset (shards by others)
+                 "root": "/abs/path", "skipped": ["name: reason"], ...},
+      "mask_policy": {"kind": "trimap", "values": [], "threshold": 0, "ignore": null},
+      "members": {"image": "image.npy", "mask": "mask.npy", "meta": "json",
+                  "full_mask": "full.png"},   # null with --size 0; `index`: the user's keys
       "image_size": 256,                  # side of every sample; 0 = original sizes kept
-      "encoding": "raw",                  # "raw" (uint8 arrays) or "jpeg" (image.jpg + trimap.png)
+      "encoding": "raw",                  # "raw" (.npy arrays) or "jpeg" (image.jpg + mask.png)
       "jpeg_quality": 95,                 # only meaningful for "jpeg"
       "splits": {
         "train": {"num_samples": 3312,
@@ -18,11 +23,12 @@ Schema (format_version 1), written by `dist-seg pack` after every shard is whole
       }
     }
 
-Each sample in a shard has the members ``<key>.json`` (name, class_id, species, breed_id,
-height, width, orig_height, orig_width) and either ``<key>.image.u8`` + ``<key>.trimap.u8``
-(raw HxWx3 / HxW uint8 bytes) or ``<key>.image.jpg`` + ``<key>.trimap.png``. The trimap is
-always lossless (values 1 pet, 2 background, 3 border) so the border policy is chosen at
-train time. Shard names are relative to the manifest's location.
+The sample format (members, mask values) is dist_seg.data.codec's docstring. A pack's masks
+are already 0/1/255 (the mask policy records how they were made); for Pets the 255s are
+the trimap's border, resolved by data.border at train time. Shards indexed by `dist-seg
+index` keep their own members, and their mask policy is applied as they are read.
+format_version 1 packs (Pets: ``image.u8`` + ``trimap.u8``, or ``image.jpg`` +
+``trimap.png``) are still read. Shard names are relative to the manifest's location.
 """
 
 from __future__ import annotations
@@ -34,9 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dist_seg import __version__
+from dist_seg.data.codec import PACKED, V1, Members, Reader
+from dist_seg.data.masks import MaskPolicy
 from dist_seg.errors import DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SOURCE_KINDS = ("pets", "generic", "webdataset")
 MANIFEST = "manifest.json"
 
 
@@ -54,6 +63,24 @@ class Manifest:
     encoding: str
     splits: dict[str, list[Shard]]
     raw: dict
+    kind: str = "pets"  # the source: pets | generic | webdataset
+    members: Members = PACKED["raw"]
+    mask_policy: MaskPolicy = MaskPolicy("trimap")
+    version: int = FORMAT_VERSION
+
+    def reader(self, border: str = "foreground", size: int = 0, full: bool = False) -> Reader:
+        """The sample decoder for this pack: resized to ``size`` (0: as packed), with the
+        Pets ``border`` policy where the masks' 255 is the trimap border; ``full``: also
+        the mask at the original size (Reader)."""
+        side = size or self.image_size
+        return Reader(
+            self.members,
+            size=(side, side) if side else None,
+            border=border if self.kind == "pets" else None,
+            policy=self.mask_policy if self.kind == "webdataset" else None,
+            trimap=self.version == 1,
+            full=full,
+        )
 
     def num_samples(self, split: str) -> int:
         return sum(s.num_samples for s in self.shards(split))
@@ -112,7 +139,19 @@ def load_manifest(location: str | Path) -> Manifest:
             ]
             for split, info in raw["splits"].items()
         }
-        return Manifest(location, int(raw["image_size"]), raw["encoding"], splits, raw)
+        if version == 1:  # Pets only, image + trimap members
+            extra = {"members": V1[raw["encoding"]], "version": 1}
+        else:
+            kind = raw["source"]["kind"]
+            if kind not in SOURCE_KINDS:
+                raise ValueError(f"source kind {kind!r}")
+            m = raw["members"]
+            extra = {
+                "kind": kind,
+                "members": Members(m["image"], m["mask"], m.get("meta"), m.get("full_mask")),
+                "mask_policy": MaskPolicy.from_dict(raw["mask_policy"]),
+            }
+        return Manifest(location, int(raw["image_size"]), raw["encoding"], splits, raw, **extra)
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"{where} is malformed ({e!r} missing or wrong); repack it") from None
 

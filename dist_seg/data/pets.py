@@ -68,7 +68,14 @@ def check_root(root: Path) -> None:
     ]
     for path in needed:
         if not path.exists():
-            raise DataError(f"{path} does not exist: not an Oxford-IIIT Pet root; {_HINT}")
+            hint = _HINT
+            if (root / "images").is_dir() and (root / "masks").is_dir():
+                hint = (
+                    f"for a folder of images and masks, pack it with `dist-seg pack --images "
+                    f"{root / 'images'} --masks {root / 'masks'} --out SHARDS` and train on "
+                    "data.shards=SHARDS (README 'Your own data')"
+                )
+            raise DataError(f"{path} does not exist: not an Oxford-IIIT Pet root; {hint}")
 
 
 def _parse_line(line: str, where: str) -> Record:

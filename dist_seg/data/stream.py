@@ -15,14 +15,17 @@ How samples are assigned (DESIGN.md section 2 has the traps this avoids):
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
 import functools
 import multiprocessing
 import os
 import random
 import tarfile
+import weakref
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 
 import numpy as np
@@ -31,23 +34,25 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dist_seg.data import pets, tarread
+from dist_seg.data.codec import PACKED, Reader, apply_border, is_packed_sample
 from dist_seg.data.manifest import Manifest, Shard, is_url
-from dist_seg.data.pack import decode_sample
+from dist_seg.data.masks import trimap_to_mask
+from dist_seg.data.plan import Plan, fingerprint, make_state, resume, shards_digest, train_steps
 from dist_seg.errors import DataError, UserError
 
 
 @dataclass(frozen=True)
 class Segment:
-    """Samples [start, stop) of one shard, in the order the shard stores them."""
+    """Samples [start, stop) of one shard, in the order the shard stores them; with ``keep``,
+    only those of its indices (ascending, within [start, stop))."""
 
     shard: Shard
     start: int
     stop: int
+    keep: tuple[int, ...] | None = None
 
-
-def train_steps(num_samples: int, world_size: int, batch_size: int) -> int:
-    """Optimizer micro-steps per epoch on every rank: the same number everywhere."""
-    return num_samples // (world_size * batch_size)
+    def __len__(self) -> int:
+        return self.stop - self.start if self.keep is None else len(self.keep)
 
 
 def split_evenly(total: int, parts: int, index: int) -> tuple[int, int]:
@@ -74,6 +79,30 @@ def segments(shards: list[Shard], start: int, length: int) -> list[Segment]:
     return out
 
 
+def position_segments(shards: list[Shard], offset: int, positions: np.ndarray) -> list[Segment]:
+    """Segments holding ``positions`` (ascending) of the concatenation of ``shards`` rotated
+    by ``offset``, in that order: the run that covers them, with ``keep`` where it has gaps
+    (a replanned epoch's remainder)."""
+    if len(positions) == 0:
+        return []
+    first, span = int(positions[0]), int(positions[-1]) - int(positions[0]) + 1
+    segs = segments(shards, offset + first, span)
+    if span == len(positions):
+        return segs
+    wanted = np.zeros(span, dtype=bool)
+    wanted[np.asarray(positions) - first] = True
+    out, at = [], 0
+    for seg in segs:
+        sub = wanted[at : at + seg.stop - seg.start]
+        at += seg.stop - seg.start
+        if sub.all():
+            out.append(seg)
+        elif sub.any():
+            keep = tuple((seg.start + np.flatnonzero(sub)).tolist())
+            out.append(Segment(seg.shard, seg.start, seg.stop, keep))
+    return out
+
+
 def epoch_order(shards: list[Shard], seed: int, epoch: int) -> tuple[list[Shard], int]:
     """The shard order and rotation offset of one training epoch, the same on every rank."""
     rng = random.Random(f"{seed}/{epoch}")
@@ -82,13 +111,18 @@ def epoch_order(shards: list[Shard], seed: int, epoch: int) -> tuple[list[Shard]
     return order, rng.randrange(max(1, sum(s.num_samples for s in shards)))
 
 
-def read_segments(segs) -> object:
-    """Stage: segments -> raw WebDataset samples (bytes), checked against the manifest counts."""
+def read_segments(segs, reader: Reader | None = None) -> object:
+    """Stage: segments -> raw WebDataset samples (bytes), checked against the manifest counts
+    and against the member mapping of ``reader`` (a sample with other members is an error
+    naming them, not a truncation); without one, any member set dist_seg writes."""
+    complete = reader.complete if reader is not None else is_packed_sample
     for seg in segs:
         got = 0
         try:
             for sample in _samples(seg):
-                if not is_complete(sample):  # a cut inside a sample leaves part of it
+                if not complete(sample):  # a cut inside a sample leaves part of it
+                    if reader is not None:  # ... but only members the mapping names
+                        reader.check_members(sample)
                     break
                 got += 1
                 yield sample
@@ -96,7 +130,7 @@ def read_segments(segs) -> object:
             raise DataError(
                 f"shard {seg.shard.url} is unreadable ({e}); repack with `dist-seg pack`"
             ) from None
-        if got != seg.stop - seg.start:
+        if got != len(seg):
             raise DataError(
                 f"shard {seg.shard.url} holds fewer samples than its manifest says "
                 f"({seg.start + got} < {seg.shard.num_samples}): truncated or altered; "
@@ -111,32 +145,72 @@ def _samples(seg: Segment):
     """A local plain-tar shard is read by offset (tarread); anything else by webdataset."""
     url = seg.shard.url
     if not is_url(url):
-        stat = os.stat(url)
-        version = (stat.st_size, stat.st_mtime_ns)  # a repacked shard is indexed again
-        if _OFFSETS.get(url, (None,))[0] != version:
-            _OFFSETS[url] = (version, tarread.sample_offsets(url))
-        offsets = _OFFSETS[url][1]
+        offsets = _offsets(url)
         if offsets is not None:
-            return tarread.read_samples(url, offsets, seg.start, seg.stop)
+            if seg.keep is None:
+                return tarread.read_samples(url, offsets, seg.start, seg.stop)
+            return _kept_runs(url, offsets, seg.keep)
     source = iter([{"url": url}])
-    return islice(wds.tarfile_samples(source), seg.start, seg.stop)
+    samples = islice(wds.tarfile_samples(source), seg.start, seg.stop)
+    if seg.keep is None:
+        return samples
+    keep = set(seg.keep)  # remote or compressed: read through, keep what is wanted
+    return (s for i, s in enumerate(samples, seg.start) if i in keep)
+
+
+def _kept_runs(path: str, offsets, keep: tuple[int, ...]):
+    """Samples ``keep`` of a local shard: one offset read per run of consecutive indices."""
+    start = prev = keep[0]
+    for i in (*keep[1:], None):
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        got = 0
+        for sample in tarread.read_samples(path, offsets, start, prev + 1):
+            got += 1
+            yield sample
+        if got < prev + 1 - start:
+            return  # the shard holds fewer: read_segments reports it
+        start = prev = i
+
+
+def _offsets(url: str):
+    """The sample offsets of a local shard (None: not plain ustar), cached per path."""
+    stat = os.stat(url)
+    version = (stat.st_size, stat.st_mtime_ns)  # a repacked shard is indexed again
+    if _OFFSETS.get(url, (None,))[0] != version:
+        _OFFSETS[url] = (version, tarread.sample_offsets(url))
+    return _OFFSETS[url][1]
+
+
+def sample_keys(shards: list[Shard], indices) -> list[str]:
+    """The ``__key__`` of canonical samples ``indices`` (manifest order, shard after shard):
+    from tar headers for local plain shards, else by reading the shards through."""
+    bounds = np.cumsum([0] + [s.num_samples for s in shards])
+    indices = np.asarray(sorted(indices), dtype=np.int64)
+    which = np.searchsorted(bounds, indices, side="right") - 1
+    keys: list[str] = []
+    for i in np.unique(which).tolist():
+        shard, local = shards[i], (indices[which == i] - bounds[i]).tolist()
+        offsets = None if is_url(shard.url) else _offsets(shard.url)
+        if offsets is not None:
+            keys += tarread.sample_keys(shard.url, offsets, local)
+            continue
+        wanted = set(local)
+        source = iter([{"url": shard.url}])
+        for j, sample in enumerate(islice(wds.tarfile_samples(source), local[-1] + 1)):
+            if j in wanted:
+                keys.append(sample["__key__"])
+    return keys
 
 
 def border_mask(trimap: np.ndarray, border: str) -> np.ndarray:
-    """pets.trimap_to_mask by bit arithmetic: 25x faster than its lookup table (2 us per
-    256 px sample instead of 53 us with np.take). Packed trimaps hold only 1 (pet),
-    2 (background) and 3 (border): pack checks every value."""
-    if border == "foreground":
-        return trimap & 1  # 1 -> 1, 2 -> 0, 3 -> 1
-    if border == "background":
-        return (trimap == 1).view(np.uint8)
-    return np.where(trimap == 3, np.uint8(pets.IGNORE_INDEX), trimap & 1)
+    """A Pets trimap (1/2/3) under a border policy, the way the loader does it (codec)."""
+    return apply_border(trimap_to_mask(trimap), border)
 
 
-def is_complete(sample: dict) -> bool:
-    return "json" in sample and (
-        {"image.u8", "trimap.u8"} <= sample.keys() or {"image.jpg", "trimap.png"} <= sample.keys()
-    )
+def is_complete(sample: dict, reader: Reader | None = None) -> bool:
+    return reader.complete(sample) if reader is not None else is_packed_sample(sample)
 
 
 def collate(samples: list[tuple[str, np.ndarray, np.ndarray]], out=None) -> dict:
@@ -150,7 +224,10 @@ def collate(samples: list[tuple[str, np.ndarray, np.ndarray]], out=None) -> dict
         images, masks = out[0][: len(samples)], out[1][: len(samples)]
         np.stack([s[1] for s in samples], out=images.numpy())
         np.stack([s[2] for s in samples], out=masks.numpy())
-    return {"name": names, "image": images.permute(0, 3, 1, 2), "mask": masks}
+    batch = {"name": names, "image": images.permute(0, 3, 1, 2), "mask": masks}
+    if len(samples[0]) > 3:  # original-size masks (evaluate --original-size): sizes differ
+        batch["full_mask"] = [s[3] for s in samples]
+    return batch
 
 
 class BatchRing:
@@ -205,17 +282,25 @@ class ShardStream(IterableDataset):
         border: str = "foreground",
         size: int = 0,
         shuffle_buffer: int = 256,
+        reader: Reader | None = None,
     ):
         if border not in pets.BORDER_POLICIES:
             raise UserError(f"border policy {border!r}: choose one of {pets.BORDER_POLICIES}")
+        # How a stored sample becomes (name, image, 0/1/255 mask): the manifest's reader
+        # (build_loader); by default a Pets pack of this format at ``size``.
+        self.reader = reader or Reader(
+            PACKED["raw"], size=(size, size) if size else None, border=border
+        )
         self.shards, self.train, self.batch_size = shards, train, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.border, self.size, self.shuffle_buffer = border, size, shuffle_buffer
         self.num_total = sum(s.num_samples for s in shards)
         self.num_workers = 1
-        # Epoch and resume point, shared with persistent workers (EpochLoader replaces it
-        # with shared memory): set in the main process before each epoch's iteration.
-        self.position = [0, 0]
+        # Epoch, resume point, plan generation and whether ``base_bits`` holds a base
+        # (plan.Plan), shared with persistent workers (EpochLoader replaces both with shared
+        # memory): set in the main process before each epoch's iteration.
+        self.position = [0, 0, 0, 0]
+        self.base_bits = bytearray((self.num_total + 7) // 8)
         self.ring_slots = 0  # > 0: collate into a BatchRing of that many slots (workers only)
 
     @property
@@ -234,63 +319,75 @@ class ShardStream(IterableDataset):
     def skip_batches(self, value: int) -> None:
         self.position[1] = value
 
+    def set_plan(self, plan: Plan, skip: int) -> None:
+        """Epoch, base and generation of ``plan`` (a train plan of this stream's layout)."""
+        self.epoch, self.skip_batches, self.position[2] = plan.epoch, skip, plan.generation
+        self.position[3] = plan.base is not None
+        if plan.base is not None:
+            np.frombuffer(self.base_bits, np.uint8)[:] = np.frombuffer(plan.base, np.uint8)
+
+    def plan(self) -> Plan:
+        """The train plan of the current epoch: which positions every rank and part reads."""
+        return Plan(
+            counts=tuple(s.num_samples for s in self.shards),
+            seed=self.seed,
+            epoch=self.epoch,
+            world_size=self.world_size,
+            parts=self.num_workers,
+            batch_size=self.batch_size,
+            shuffle_buffer=self.shuffle_buffer,
+            base=bytes(self.base_bits) if self.position[3] else None,
+            generation=self.position[2],
+        )
+
     # --- the plan: which samples this rank and worker read this epoch -------------------
     def rank_range(self) -> tuple[int, int]:
-        if self.train:
-            per_rank = train_steps(self.num_total, self.world_size, self.batch_size)
-            per_rank *= self.batch_size
-            return self.rank * per_rank, (self.rank + 1) * per_rank
+        """Eval: this rank's [start, stop) of the file order."""
         return split_evenly(self.num_total, self.world_size, self.rank)
 
     def num_batches(self) -> int:
         """Batches this rank yields per epoch (train: identical on every rank)."""
-        start, stop = self.rank_range()
         if self.train:
-            return (stop - start) // self.batch_size
+            return self.plan().steps()
+        start, stop = self.rank_range()
         per_worker = [
             split_evenly(stop - start, self.num_workers, w) for w in range(self.num_workers)
         ]
         return sum(-(-(b - a) // self.batch_size) for a, b in per_worker)
 
     def worker_plan(self, worker: int, num_workers: int) -> tuple[list[Segment], int, int]:
-        """(segments, batches to skip, the worker whose part this is) of loader worker ``worker``. Train workers own whole batches, so
-        the DataLoader's round-robin over workers yields global batch j from worker j % W."""
-        start, stop = self.rank_range()
+        """(segments, batches to skip, the part it plays) of loader worker ``worker``. Train
+        workers own whole batches, so the DataLoader's round-robin over workers yields batch
+        j of the rank from part j % W (plan.Plan.part_batches)."""
         if self.train:
-            order, offset = epoch_order(self.shards, self.seed, self.epoch)
-            steps = (stop - start) // self.batch_size
-            # The DataLoader takes batches from workers round-robin: global batch j comes
-            # from worker j % W. Worker w owns that many batches, as one contiguous run.
+            plan = self.plan()
+            steps = plan.steps()
             # On resume after k batches the loader still starts at worker 0, which must
             # then hold batch k: loader worker w plays the part of worker (w + k) % W.
-            worker = (worker + self.skip_batches) % num_workers
-            mine = len(range(worker, steps, num_workers))
-            first = sum(len(range(w, steps, num_workers)) for w in range(worker))
-            skip = len(range(worker, min(self.skip_batches, steps), num_workers))
-            a = offset + start + first * self.batch_size
-            return segments(order, a, mine * self.batch_size), skip, worker
+            part = (worker + self.skip_batches) % num_workers
+            skip = len(range(part, min(self.skip_batches, steps), num_workers))
+            order, offset = epoch_order(self.shards, self.seed, self.epoch)
+            segs = position_segments(order, offset, plan.part_positions(self.rank, part))
+            return segs, skip, part
+        start, stop = self.rank_range()
         a, b = split_evenly(stop - start, num_workers, worker)
         return segments(self.shards, start + a, b - a), 0, worker
 
     # --- the pipeline ------------------------------------------------------------------
     def to_arrays(self, sample: dict) -> tuple[str, np.ndarray, np.ndarray]:
-        name, image, trimap = decode_sample(sample)
-        if self.size and image.shape[:2] != (self.size, self.size):
-            image, trimap = pets.resize_pair(image, trimap, self.size)
-        return name, image, border_mask(trimap, self.border)
+        return self.reader(sample)  # (name, image HxWx3 uint8, mask HxW uint8 0/1/255)
 
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         segs, skip, part = self.worker_plan(worker, num_workers)
-        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{part}")
         stages = [
-            read_segments,  # (shard, start, stop) -> raw tar samples, count-checked
-            wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)
+            functools.partial(read_segments, reader=self.reader),  # -> raw samples, checked
+            self.plan().shuffle(self.rank, part)  # seeded per (seed, epoch, rank, part)
             if self.train
             else _identity,  # shuffle raw bytes: cheap to skip on resume, no decode
             _skip(skip * self.batch_size),  # resume mid-epoch: drop what was consumed
-            wds.map(self.to_arrays),  # -> (name, image HxWx3 uint8, mask HxW uint8)
+            wds.map(self._keyed),  # -> (key, (name, image HxWx3 uint8, mask HxW uint8))
             self._batches(shared=info is not None and self.ring_slots > 0),
         ]
         data = iter(segs)
@@ -298,15 +395,21 @@ class ShardStream(IterableDataset):
             data = stage(data)
         return data
 
-    def _batches(self, shared: bool):
-        collation = collate
-        if shared:
-            if getattr(self, "_ring", None) is None:  # one per worker process, kept across epochs
-                self._ring = BatchRing(self.ring_slots)
+    def _keyed(self, sample: dict) -> tuple:
+        """The sample's tar key rides along to the batch's "key" (the audit trail's names)."""
+        return sample["__key__"], self.to_arrays(sample)
 
-            def collation(chunk):
-                _, image, mask = chunk[0]
-                return collate(chunk, self._ring.next(self.batch_size, image.shape, mask.shape))
+    def _batches(self, shared: bool):
+        if shared and getattr(self, "_ring", None) is None:  # one per worker, kept across epochs
+            self._ring = BatchRing(self.ring_slots)
+
+        def collation(chunk):
+            samples = [s for _, s in chunk]
+            out = None
+            if shared:
+                image, mask = samples[0][1:3]  # [3]: an original-size mask, if asked for
+                out = self._ring.next(self.batch_size, image.shape, mask.shape)
+            return {**collate(samples, out), "key": [k for k, _ in chunk]}
 
         return wds.batched(self.batch_size, collation_fn=collation, partial=not self.train)
 
@@ -317,6 +420,26 @@ def _identity(data):
 
 def _skip(n: int):
     return lambda data: islice(data, n, None)
+
+
+_WITH_WORKERS: weakref.WeakSet = weakref.WeakSet()  # DataLoader iterators with workers
+_WORKERS: set = set()  # their worker processes, kept until they have ended
+
+
+@atexit.register
+def _kill_workers_at_exit() -> None:
+    """Workers ignore SIGTERM (init_worker), and SIGTERM is how multiprocessing, and torch
+    when a worker does not leave in time, end them: a process leaving with a loader
+    mid-epoch (an exception on its way out, a test) waited for its workers forever. Seen
+    too: workers of an iterator freed after a DataError still alive at exit. atexit runs
+    handlers last registered first: this one before multiprocessing's (imported by torch)."""
+    for iterator in list(_WITH_WORKERS):
+        with contextlib.suppress(Exception):  # at exit: on to the kill
+            iterator._shutdown_workers()  # torch's own: workers see the done event and leave
+    for worker in list(_WORKERS):
+        with contextlib.suppress(Exception):
+            if worker.is_alive():
+                worker.kill()
 
 
 TUNE_MALLOC = True  # a module switch, for the benchmark's with/without comparison
@@ -370,13 +493,15 @@ class EpochLoader:
             # then waits forever (a rare hang of a whole DDP job). A forkserver forks workers
             # from a clean, single-threaded process instead.
             context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["dist_seg.data.stream"])
+            # dist_seg.data.forkserver: the forkserver survives SIGTERM (see there).
+            context.set_forkserver_preload(["dist_seg.data.forkserver", "dist_seg.data.stream"])
         prefetch = PREFETCH
         self.shared = num_workers > 0
         if self.shared:
             # Persistent workers read each epoch's number from here, not from the copy of
             # the stream they were started with.
-            stream.position = (context or multiprocessing).RawArray("q", 2)
+            stream.position = (context or multiprocessing).RawArray("q", 4)
+            stream.base_bits = (context or multiprocessing).RawArray("B", len(stream.base_bits))
             stream.ring_slots = prefetch + 2  # > prefetch: see BatchRing
         self.loader = DataLoader(
             stream,
@@ -392,15 +517,70 @@ class EpochLoader:
         # The last ring buffers received, one per slot of every worker: while they are
         # held, torch maps each shared buffer once instead of once per batch.
         self._held: deque = deque(maxlen=stream.ring_slots * max(1, num_workers))
+        self.workers = num_workers
+        # Per rank index: samples of the current epoch trained before its current plan began
+        # (empty for a plain epoch); and what load_state_dict found trained (audit trail).
+        self._trained_before: list[int] = []
+        self._resumed: tuple[int, object, list[int]] | None = None
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        """Call before iterating: workers read the epoch when the iteration starts them."""
+        """Call before iterating a plain epoch (after load_state_dict: not for the epoch it
+        positioned the loader in). Workers read the epoch when the iteration starts them."""
+        self.stream.set_plan(replace(self.stream.plan(), epoch=epoch, base=None, generation=0), 0)
         if skip_batches > self.stream.num_batches():
             raise UserError(
                 f"cannot resume at batch {skip_batches} of an epoch of "
                 f"{self.stream.num_batches()} batches: the world size or batch size changed"
             )
-        self.stream.epoch, self.stream.skip_batches = epoch, skip_batches
+        self.stream.skip_batches = skip_batches
+        self._trained_before = []
+
+    # --- exact resume at any world size, workers or batch size (plan.py) --------------------
+    def _fingerprint(self, plan: Plan, grad_accum: int) -> dict:
+        names = [s.url for s in self.stream.shards]
+        return fingerprint(plan, self.workers, grad_accum, shards_digest(names, plan.counts))
+
+    def state_dict(self, epoch: int, batches_done: int, grad_accum: int = 1) -> dict:
+        """The data plan's part of a checkpoint taken after ``batches_done`` batches of the
+        current plan of ``epoch`` (an epoch not yet started: ``batches_done`` 0). Plain
+        ints, strings, lists and bytes: it loads with torch.load(weights_only=True)."""
+        plan, trained_before = self.stream.plan(), self._trained_before
+        if epoch != plan.epoch:
+            plan, trained_before = replace(plan, epoch=epoch, base=None, generation=0), []
+        if not 0 <= batches_done <= plan.steps() or (batches_done and epoch != self.stream.epoch):
+            raise ValueError(f"batch {batches_done} of epoch {epoch}: not a position of this plan")
+        return make_state(plan, self._fingerprint(plan, grad_accum), batches_done, trained_before)
+
+    def load_state_dict(self, state: dict, grad_accum: int = 1) -> str:
+        """Positions the loader where ``state`` was taken, replanning the rest of its epoch
+        if the world size, workers, batch size, shuffle buffer or seed changed. Returns one
+        line: what changed and what it does about it. UserError if it cannot resume."""
+        plan = self.stream.plan()
+        got = resume(state, plan, self._fingerprint(plan, grad_accum))
+        self.stream.set_plan(got.plan, got.skip)
+        self._trained_before = got.trained_before
+        done = [*got.trained_before, *[0] * max(0, plan.world_size - len(got.trained_before))]
+        for r in range(plan.world_size):
+            done[r] += got.skip * plan.batch_size
+        self._resumed = (got.plan.epoch, got.consumed, done if got.consumed is not None else [])
+        return got.message
+
+    @property
+    def skip_batches(self) -> int:
+        """Batches of the current plan already trained: where iteration starts."""
+        return self.stream.skip_batches
+
+    def trained_before(self, epoch: int) -> list[int]:
+        """Per rank index: samples of ``epoch`` trained before the state this loader was
+        loaded from, i.e. the lines each rank's audit file keeps on resume ([]: none)."""
+        return list(self._resumed[2]) if self._resumed and self._resumed[0] == epoch else []
+
+    def keys_trained_before(self, epoch: int) -> list[str]:
+        """Keys of the samples of ``epoch`` all ranks trained before that state (unsorted),
+        from the replayed plan and the shards' tar headers."""
+        if not self._resumed or self._resumed[0] != epoch or self._resumed[1] is None:
+            return []
+        return sample_keys(self.stream.shards, np.flatnonzero(self._resumed[1]))
 
     def __len__(self) -> int:
         return self.stream.num_batches() - (self.stream.skip_batches if self.stream.train else 0)
@@ -408,7 +588,12 @@ class EpochLoader:
     def __iter__(self):
         self.yielded = 0
         try:
-            for batch in self.loader:
+            iterator = iter(self.loader)
+            if self.shared:
+                _WITH_WORKERS.add(iterator)
+                _WORKERS.difference_update([w for w in _WORKERS if not w.is_alive()])
+                _WORKERS.update(getattr(iterator, "_workers", ()))
+            for batch in iterator:
                 if self.shared and not batch["image"].is_pinned():  # pinning copied it
                     self._held.append(batch)
                     batch = {**batch, "image": batch["image"].clone(), "mask": batch["mask"].clone()}  # fmt: skip
@@ -434,9 +619,11 @@ def build_loader(
     shuffle_buffer: int = 256,
     pin_memory: bool = False,
     persistent_workers: bool = True,
+    full_masks: bool = False,
 ) -> EpochLoader:
     """The one place a split becomes batches for this rank. See the module docstring.
-    Check the shards first (manifest.check_shards): this reads them as the manifest says."""
+    Check the shards first (manifest.check_shards): this reads them as the manifest says.
+    ``full_masks``: batches also hold "full_mask", each mask at its image's original size."""
     if batch_size < 1:
         raise UserError(f"batch size {batch_size}: must be at least 1")
     shards = manifest.shards(split)
@@ -455,6 +642,7 @@ def build_loader(
         border=border,
         size=size or manifest.image_size,
         shuffle_buffer=shuffle_buffer,
+        reader=manifest.reader(border, size, full=full_masks),
     )
     total = stream.num_total
     if train and train_steps(total, world_size, batch_size) == 0:

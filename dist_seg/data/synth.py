@@ -224,9 +224,10 @@ def _pet_texture(rng, h, w, yy, xx, breed, frame) -> np.ndarray:
     return pet
 
 
-def _render(rng: np.random.Generator, breed: str):
-    """(image HxWx3 uint8, trimap HxW uint8, head box) for one synthetic pet."""
-    w, h = (int(x) for x in rng.integers(200, 501, 2))
+def _render(rng: np.random.Generator, breed: str, sides: tuple[int, int] = (200, 501)):
+    """(image HxWx3 uint8, trimap HxW uint8, head box) for one synthetic pet, each side
+    drawn from [sides[0], sides[1])."""
+    w, h = (int(x) for x in rng.integers(*sides, 2))
     species = _ids(breed)[1]
     for _ in range(50):  # resample the pose until the pet covers a sensible fraction
         mask, head_box, frame = _draw_pet(rng, w, h, species)
@@ -386,4 +387,59 @@ def make_synthetic(
         },
         "oddities": {f"images/{n}.jpg": k for n, k in kinds.items()},
         "junk": junk,
+    }
+
+
+# --- the generic layout (a folder of images, a folder of masks) --------------------------------
+GENERIC_BROKEN = ("no_mask", "no_image", "other_size")
+
+
+def make_synthetic_generic(
+    root: Path, num_images: int = 60, seed: int = 0, overwrite: bool = False,
+    sides: tuple[int, int] = (40, 97),
+) -> dict:  # fmt: skip
+    """Write a generic-layout set under ``root``, as Carvana's comes::
+
+        images/<name>.jpg              JPEG, sides drawn from ``sides`` (not square)
+        masks/<name>_mask.png | .gif   0/255 grey PNG (even i) or 0/1 palette GIF (odd i)
+
+    plus three broken pairs: an image with no mask, a mask with no image, a mask of another
+    size than its image. Pack it with ``--match '{stem}_mask' --skip-bad`` (they are then
+    skipped and counted). Returns ``{"pairs": N good pairs, "broken": {kind: file}}``.
+    """
+    if num_images < 1:
+        raise UserError("--num-images must be at least 1")
+    root = Path(root)
+    images, masks = root / "images", root / "masks"
+    if images.exists() or masks.exists():
+        if not overwrite:
+            raise UserError(f"{root} already holds images/ or masks/; use an empty folder")
+        shutil.rmtree(images, ignore_errors=True)
+        shutil.rmtree(masks, ignore_errors=True)
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    breeds = [BREEDS[i % len(BREEDS)] for i in range(num_images + 3)]
+    names = [f"item_{i:04d}" for i in range(num_images + 3)]
+    for i, (name, breed) in enumerate(zip(names, breeds)):
+        image, trimap, _ = _render(np.random.default_rng([seed, 2, i]), breed, sides)
+        fg = trimap != 2  # the seed's border policy: border counts as foreground
+        if i < num_images + 2:  # the last is the mask with no image
+            Image.fromarray(image).save(images / f"{name}.jpg", quality=JPEG_QUALITY)
+        if i == num_images + 1:
+            continue  # the image with no mask
+        if i == num_images:  # a mask of another size than its image
+            fg = fg[:-8, :]
+        if i % 2:
+            gif = Image.fromarray(fg.astype(np.uint8), mode="L").convert("P")
+            gif.putpalette([0, 0, 0, 255, 255, 255])
+            gif.save(masks / f"{name}_mask.gif")
+        else:
+            Image.fromarray(fg.astype(np.uint8) * 255).save(masks / f"{name}_mask.png")
+    return {
+        "pairs": num_images,
+        "broken": {
+            "other_size": f"masks/{names[num_images]}_mask.{'gif' if num_images % 2 else 'png'}",
+            "no_mask": f"images/{names[num_images + 1]}.jpg",
+            "no_image": f"masks/{names[num_images + 2]}_mask.{'gif' if num_images % 2 else 'png'}",
+        },
     }
