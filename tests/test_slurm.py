@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.distributed]
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "launch" / "slurm"
-EPOCHS = 4
+EPOCHS = 5
 STEPS = 36  # per epoch and rank: 72 train images, batch 1, 2 processes
 
 
@@ -90,6 +90,28 @@ def wait_for_line(project: Path, job: str, pattern: str, seconds: float) -> re.M
     raise AssertionError(f"job {job}: no line /{pattern}/ in {seconds} s:\n{tail(project, job)}")
 
 
+def wait_for_first_half(project: Path, job: str, seconds: float) -> None:
+    """Until the job logs, from now on, a step in the first half of an epoch before the last:
+    a signal sent then lands mid-epoch. (A pattern searched in the whole log matched lines
+    long past: the job had reached the epoch's end by the time the signal came.)"""
+    path, deadline = log_of(project, job), time.monotonic() + seconds
+    start = path.stat().st_size if path.exists() else 0
+    while time.monotonic() < deadline:
+        text = path.read_bytes()[start:].decode(errors="replace") if path.exists() else ""
+        for epoch, step in re.findall(rf"^epoch (\d+) (\d+)/{STEPS} ", text, re.M):
+            if int(epoch) < EPOCHS and 1 <= int(step) <= STEPS // 2:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"job {job}: no first-half step in {seconds} s:\n{tail(project, job)}")
+
+
+def run_minutes(run_time: str) -> int:
+    """Whole minutes, rounded up, of Slurm's RunTime ([D-]HH:MM:SS)."""
+    days, _, clock = run_time.rpartition("-")
+    seconds = sum(int(x) * 60**i for i, x in enumerate(reversed(clock.split(":"))))
+    return -(-(int(days or 0) * 86400 + seconds) // 60)
+
+
 def tail(project: Path, job: str, chars: int = 6000) -> str:
     path = log_of(project, job)
     return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
@@ -109,16 +131,17 @@ def jobs(slurm, project) -> dict:
         "requeue": slurm.sbatch(["--cpus-per-task=2", one], env, project),
         "multinode": slurm.sbatch(["--nodes=1", "--cpus-per-task=2", multi], env, project),
     }
-    mid_epoch = rf"^epoch 2 [1-9]/{STEPS} "  # early in epoch 2: a save now is mid-epoch
-    wait_for_line(project, ids["usr1"], mid_epoch, 400)
+    wait_for_first_half(project, ids["usr1"], 400)
     slurm.run("scancel", "--signal=USR1", "--batch", ids["usr1"])
-    wait_for_line(project, ids["requeue"], mid_epoch, 300)
+    wait_for_first_half(project, ids["requeue"], 300)
     slurm.run("scontrol", "requeue", ids["requeue"])
-    # The time limit: 2 minutes from the job's start. Slurm sends B:USR1 60 s before it, at
-    # its next 30 s check: now, or within 30 s. The requeued job gets its 30 minutes back.
+    # The time limit: the job's run time rounded up to a minute, plus one: 60 to 120 s from
+    # now. Slurm sends B:USR1 60 s before it, at its next 30 s check. The requeued job gets
+    # its 30 minutes back.
     wait_for_line(project, ids["timelimit"], rf"^epoch 1 [1-9]/{STEPS} ", 300)
-    slurm.run("scontrol", "update", f"JobId={ids['timelimit']}", "TimeLimit=2")
-    wait_for_line(project, ids["timelimit"], r"requeueing job", 120)
+    ran = run_minutes(slurm.job(ids["timelimit"]).get("RunTime", "0:00"))
+    slurm.run("scontrol", "update", f"JobId={ids['timelimit']}", f"TimeLimit={ran + 1}")
+    wait_for_line(project, ids["timelimit"], r"requeueing job", 240)
     deadline = time.monotonic() + 60
     while slurm.job(ids["timelimit"]).get("JobState") != "PENDING":
         assert time.monotonic() < deadline, tail(project, ids["timelimit"])
