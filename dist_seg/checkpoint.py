@@ -99,7 +99,9 @@ class TrainState:
     config: dict  # the resolved Config as a dict
     epoch: int = 0  # epochs finished
     step: int = 0  # batches of `epoch` already trained (a mid-epoch resume continues there)
-    optimizer: dict = field(default_factory=dict)  # {} under DeepSpeed (ZeRO shards it)
+    # Under DeepSpeed ZeRO-1/2 {"zero": ...}: every rank's slices joined (gather_zero_state);
+    # {} from DeepSpeed's other optimizers and from dist_seg before it was kept.
+    optimizer: dict = field(default_factory=dict)
     scheduler: dict = field(default_factory=dict)
     scaler: dict | None = None
     ema: dict | None = None
@@ -185,3 +187,142 @@ def load_weights(model: torch.nn.Module, weights: dict, path) -> None:
             f"checkpoint {path} does not fit this model ({detail[:160]}); check model.name "
             "and model.width"
         ) from None
+
+
+# --- DeepSpeed ZeRO stage 1/2: the optimizer state of every rank, in one world-size-free form
+# ZeRO flattens each parameter group into one buffer, pads it to a multiple of the world size
+# and gives every rank one equal slice: its fp32 master weights and Adam's moments exist only
+# there (deepspeed/runtime/zero/stage_1_and_2.py). last.pt keeps each group's buffer whole and
+# without that padding; at resume every rank cuts its own slice for the current world size
+# and hands it to the ZeRO optimizer's own load_state_dict (its same-layout path).
+ZERO_FORMAT = 1
+
+
+def zero_optimizer(optimizer):
+    """The DeepSpeed ZeRO stage-1/2 optimizer behind accelerate's wrapper, else None (no
+    DeepSpeed, ZeRO-3, DeepSpeed's BF16_Optimizer)."""
+    try:
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    except ImportError:
+        return None
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return inner if isinstance(inner, DeepSpeedZeroOptimizer) else None
+
+
+def _zero_group_numel(zero, i: int) -> int:
+    """Elements of group ``i``'s flat buffer before the world-size padding: its parameters
+    and their alignment padding, the same at any world size."""
+    paddings = getattr(zero, "round_robin_bit16_padding", None)
+    pad = sum(paddings[i]) if paddings else 0
+    return sum(p.numel() for p in zero.round_robin_bit16_groups[i]) + pad
+
+
+def _plain(obj) -> dict:
+    """An object's bool/int/float/str/None attributes (a loss scaler: not loadable with
+    weights_only=True as it is)."""
+    plain = (bool, int, float, str, type(None))
+    return {k: v for k, v in vars(obj).items() if isinstance(v, plain)}
+
+
+def gather_zero_state(optimizer, main: bool) -> dict:
+    """Collective: every rank's ZeRO slices, joined on the main process into
+    ``{"zero": ...}`` for TrainState.optimizer ({} on the other ranks, and where the
+    optimizer is not ZeRO stage 1/2)."""
+    zero = zero_optimizer(optimizer)
+    if zero is None:
+        return {}
+    groups = []
+    for i, group in enumerate(zero.optimizer.param_groups):
+        state = zero.optimizer.state[group["params"][0]]
+        groups.append({
+            "numel": _zero_group_numel(zero, i),
+            "fp32": zero.single_partition_of_fp32_groups[i].detach().cpu().clone(),
+            "state": {k: v.detach().cpu().clone() if torch.is_tensor(v) else v
+                      for k, v in state.items()},
+        })  # fmt: skip
+    mine = {"groups": groups, "param_groups": zero.optimizer.state_dict()["param_groups"]}
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        ranks = [None] * dist.get_world_size() if main else None
+        dist.gather_object(mine, ranks, dst=0)  # the main process is rank 0
+    else:
+        ranks = [mine]
+    if not main:
+        return {}
+    merged = []
+    for i, first in enumerate(ranks[0]["groups"]):
+        parts, n = [r["groups"][i] for r in ranks], first["numel"]
+        state = {}
+        for key, value in first["state"].items():  # moments: one slice per rank; step: one
+            sliced = torch.is_tensor(value) and value.shape == first["fp32"].shape
+            state[key] = torch.cat([p["state"][key] for p in parts])[:n] if sliced else value
+        merged.append({"numel": n, "fp32": torch.cat([p["fp32"] for p in parts])[:n],
+                       "state": state})  # fmt: skip
+    return {"zero": {
+        "format": ZERO_FORMAT, "world_size": len(ranks), "groups": merged,
+        "param_groups": ranks[0]["param_groups"],
+        "round_robin": bool(getattr(zero, "round_robin_gradients", False)),
+        "loss_scaler": _plain(zero.loss_scaler), "overflow": bool(zero.overflow),
+    }}  # fmt: skip
+
+
+def load_zero_state(optimizer, saved: dict, path: Path) -> str | None:
+    """After accelerator.prepare, on every rank: this rank's slice of the saved ZeRO state
+    for the current world size. None when restored, else the line saying what was not."""
+    zero = zero_optimizer(optimizer)
+    held = saved.get("zero") if saved else None
+    world = torch.distributed.get_world_size(group=zero.dp_process_group) if zero else 1
+    why = None
+    if zero is None:
+        name = type(getattr(optimizer, "optimizer", optimizer)).__name__
+        why = f"DeepSpeed's {name} is not the ZeRO stage-1/2 optimizer"
+    elif held is None:
+        how = "saved without DeepSpeed" if saved else "an older dist_seg or another optimizer"
+        why = f"checkpoint {path} holds no ZeRO optimizer state ({how})"
+    elif held["round_robin"] and held["world_size"] != world:
+        why = (
+            "zero_optimization.round_robin_gradients orders the parameters by world size "
+            f"({held['world_size']} saved, {world} now)"
+        )
+    if why:
+        return f"[yellow]warning[/]: optimizer state not restored: {why}; Adam restarts its moments"
+    from deepspeed import __version__ as ds_version
+    from deepspeed.checkpoint import constants as C
+
+    rank = torch.distributed.get_rank(group=zero.dp_process_group)
+    state, fp32 = {}, []
+    for i, group in enumerate(held["groups"]):
+        if group["numel"] != _zero_group_numel(zero, i):
+            raise UserError(
+                f"checkpoint {path}: ZeRO parameter group {i} holds {group['numel']} elements, "
+                f"this model {_zero_group_numel(zero, i)}; resume with the same model"
+            )
+        padded, size = zero.bit16_groups_flat[i].numel(), zero.partition_size[i]
+        fp32.append(_slice(group["fp32"], padded, size, rank))
+        state[i] = {k: _slice(v, padded, size, rank) if torch.is_tensor(v) and v.dim() == 1
+                    else v for k, v in group["state"].items()}  # fmt: skip
+    param_groups = [dict(g, params=[i]) for i, g in enumerate(held["param_groups"])]
+    for key, value in held["loss_scaler"].items():
+        if hasattr(zero.loss_scaler, key):
+            setattr(zero.loss_scaler, key, value)
+    current = {
+        C.LOSS_SCALER: zero.loss_scaler, "dynamic_loss_scale": zero.dynamic_loss_scale,
+        "overflow": held["overflow"], C.CLIP_GRAD: zero.clip_grad,
+        C.BASE_OPTIMIZER_STATE: {"state": state, "param_groups": param_groups},
+        C.SINGLE_PARTITION_OF_FP32_GROUPS: fp32, C.GROUP_PADDINGS: zero.groups_padding,
+        C.PARTITION_COUNT: zero.partition_count, C.DS_VERSION: ds_version,
+    }  # fmt: skip
+    if hasattr(zero, "round_robin_bit16_padding"):  # this world size's layout, checked above
+        current[C.PARAM_ALIGNMENT_PADDINGS] = zero.round_robin_bit16_padding
+    # The same-layout path: the slice is this world size's; the fp32 masters come from it,
+    # not from the (possibly bf16) model weights.
+    zero.load_state_dict([current] * world, load_optimizer_states=True, load_from_fp32_weights=True)
+    return None
+
+
+def _slice(whole: torch.Tensor, padded: int, size: int, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s slice of a flat group zero-padded to ``padded`` elements (DeepSpeed's
+    padding is zeros, and stays zero: no gradient reaches it)."""
+    flat = whole.new_zeros(padded)
+    flat[: whole.numel()] = whole
+    return flat[rank * size : (rank + 1) * size].clone()

@@ -100,6 +100,17 @@ def _add_mask_policy(p) -> None:
     p.add_argument("--ignore-value", type=int, help="a stored mask value that is not scored")
 
 
+def _add_aspect(p, when: str = "") -> None:
+    p.add_argument(
+        "--aspect",
+        default="stretch",
+        choices=("stretch", "pad"),
+        help=f"how images are fitted to the size{f' ({when})' if when else ''}: stretch "
+        "(the seed's resize) or pad (letterbox: keep the aspect ratio, pad images with 0 and "
+        "masks with the ignore value 255)",
+    )
+
+
 def _mask_policy(args):
     """The MaskPolicy that --foreground-values / --mask-threshold / --ignore-value name."""
     from dist_seg.data.masks import MaskPolicy
@@ -190,7 +201,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         help="train,val,test fractions of the hash split (default 0.8,0.1,0.1)",
     )
     p.add_argument("--out", required=True)
-    p.add_argument("--size", type=int, default=256, help="side in pixels; 0 keeps originals")
+    p.add_argument(
+        "--size",
+        default="256",
+        help="a side (256) or HxW, height first (192x320), multiples of 16; 0 keeps originals",
+    )
+    _add_aspect(p)
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--encoding", default="raw", choices=("raw", "jpeg"))
@@ -215,6 +231,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "--split", default="train", help="the split of every shard, without --split-by-prefix"
     )
     _add_mask_policy(p)
+    _add_aspect(p, when="as they are read, to data.size")
 
     _add_train(sub)
 
@@ -282,7 +299,7 @@ def run(argv: list[str] | None = None) -> int:
         from dist_seg.data.pack import pack, pack_generic
 
         options = dict(size=args.size, shard_size=args.shard_size, workers=args.workers,
-                       encoding=args.encoding, skip_bad=args.skip_bad)  # fmt: skip
+                       encoding=args.encoding, skip_bad=args.skip_bad, aspect=args.aspect)  # fmt: skip
         if bool(args.root) == bool(args.images or args.masks):
             raise UserError("pack: give either --root (Oxford-IIIT Pet) or --images and --masks")
         with Progress() as progress:
@@ -295,16 +312,18 @@ def run(argv: list[str] | None = None) -> int:
                 )  # fmt: skip
         counts = {k: v["num_samples"] for k, v in m["splits"].items()}
         skipped = len(m["source"]["skipped"])
+        fit = f", {m['aspect']}" if m["image_size"] else ""  # stretch | pad
         print(
             f"packed {counts} into {args.out} ({m['encoding']}, {m['image_size'] or 'original'} px"
-            f"{f', {skipped} skipped' if skipped else ''})"
+            f"{fit}{f', {skipped} skipped' if skipped else ''})"
         )
     elif args.command == "index":
         from dist_seg.data.index import index
 
         m = index(Path(args.shards), image_key=args.image_key, mask_key=args.mask_key,
                   meta_key=args.meta_key, policy=_mask_policy(args),
-                  split_by_prefix=args.split_by_prefix, split=args.split)  # fmt: skip
+                  split_by_prefix=args.split_by_prefix, split=args.split,
+                  aspect=args.aspect)  # fmt: skip
         counts = {k: v["num_samples"] for k, v in m["splits"].items()}
         print(f"indexed {counts} in {args.shards}/manifest.json (image {args.image_key!r}, "
               f"mask {args.mask_key!r}, masks: {_mask_policy(args).describe()})")  # fmt: skip

@@ -23,7 +23,10 @@ from dist_seg.errors import UserError
 class DataConfig:
     shards: str = "shards/pets-256"  # packed shards (a directory or URL holding manifest.json)
     root: str = ""  # raw Oxford-IIIT Pet layout; packed once into `shards` if it has no manifest
-    size: int = 256  # training side; 0 = the pack's own size
+    # training size: a side (256) or "HxW", height first (192x320), multiples of 16;
+    # 0 = the pack's own size. The run's config.yaml and checkpoints hold the size trained at.
+    size: int | str = 256
+    aspect: str = "auto"  # stretch | pad (letterbox) | auto: the pack's policy (data/sizes.py)
     border: str = "foreground"  # trimap border pixels: foreground | background | ignore
     flip: bool = True  # the seed's flips: horizontal and vertical, each p=0.5 per sample
     shuffle_buffer: int = 256
@@ -31,6 +34,7 @@ class DataConfig:
     persistent_workers: bool = True  # keep loader workers across epochs (no restart per epoch)
     record_samples: bool = False  # keys each rank trained: RUN/samples/epoch-E/rank-R.txt
     pin_memory: bool = True  # CUDA only: page-locked batches, copied with non_blocking=True
+    decode: str = "cpu"  # JPEG shards: cpu (in the workers) | gpu (per batch, nvJPEG; decode.py)
     train_split: str = "train"
     val_split: str = "val"
 
@@ -117,6 +121,8 @@ class Config:
 
 CHOICES = {
     "data.border": ("foreground", "background", "ignore"),
+    "data.aspect": ("auto", "stretch", "pad"),
+    "data.decode": ("cpu", "gpu"),
     "model.name": ("unet", "resnet34_unet"),
     "optim.loss": ("bce", "bce_dice"),
     "optim.schedule": ("constant", "cosine", "poly"),
@@ -143,8 +149,9 @@ def _check(cfg: Config) -> None:
         bad("train.eval_batch_size", "must be >= 0")
     if cfg.train.epochs < 1:
         bad("train.epochs", f"{cfg.train.epochs} must be >= 1")
-    if cfg.data.size < 0 or cfg.data.size % 16:
-        bad("data.size", f"{cfg.data.size} must be a multiple of 16 (the models downsample 16x)")
+    from dist_seg.data.sizes import format_size, parse_size
+
+    cfg.data.size = format_size(parse_size(cfg.data.size, "config data.size:"))  # 256 | "HxW"
     if cfg.model.width <= 0:
         bad("model.width", f"{cfg.model.width} must be > 0")
     if cfg.model.pretrained and cfg.model.name not in ("resnet34_unet", "resnet34"):
@@ -212,8 +219,12 @@ def _apply(obj, data: dict, source: str, prefix: str = "") -> None:
             _apply(current, value, source, f"{full}.")
         else:
             typ = hints[key]
-            if isinstance(typ, types.UnionType):
-                typ = typing.get_args(typ)[0]
+            if isinstance(typ, types.UnionType):  # int | str: the first type that fits
+                *firsts, typ = typing.get_args(typ)
+                for first in firsts:
+                    with contextlib.suppress(UserError):
+                        value, typ = _coerce(full, value, first, source), first
+                        break
             setattr(obj, key, _coerce(full, value, typ, source))
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dist_seg import metrics
 from dist_seg.checkpoint import model_from_checkpoint
 from dist_seg.console import Console
 from dist_seg.data.manifest import check_shards, load_manifest
+from dist_seg.data.sizes import unfit_logits
 from dist_seg.data.stream import build_loader
 from dist_seg.data.transforms import to_device
 from dist_seg.errors import DataError, make_dir
@@ -26,14 +26,15 @@ from dist_seg.viz import save_mask_png, save_png, side_by_side
 @torch.no_grad()
 def evaluate(
     model, loader, accelerator, *, channels_last=True, console=None, on_batch=None,
-    normalize=False, tta=False, original_size=False,
+    normalize=False, tta=False, original_size=False, aspect="stretch",
 ) -> dict:  # fmt: skip
     """Metrics of ``model`` (a plain module, not the DDP wrapper: an eval forward must not
     start collectives, since ranks may hold different batch counts) over this rank's part
     of ``loader``, reduced across ranks once at the end. With ``tta`` the logits are the
     mean over flips, and the plain model's metrics come back too, under "no_tta". With
     ``original_size`` (a loader built with full_masks) the logits are also upsampled to each
-    image's original size and scored against its original mask, under "original_size"."""
+    image's original size and scored against its original mask, under "original_size";
+    ``aspect`` is how the loader fitted the images (pad: the letterbox is cropped off first)."""
     was_training = model.training
     model.eval()
     stats = metrics.zeros(accelerator.device)
@@ -53,7 +54,7 @@ def evaluate(
                     logits = flip_tta(model, images, identity=logits)  # 4 passes, not 5
             stats += metrics.batch_stats(logits, masks)
             if original_size:
-                full += original_size_stats(logits, batch["full_mask"])
+                full += original_size_stats(logits, batch["full_mask"], aspect)
             if on_batch is not None:
                 on_batch(batch, logits)
             update()
@@ -66,14 +67,16 @@ def evaluate(
     return result
 
 
-def original_size_stats(logits: torch.Tensor, full_masks: list[np.ndarray]) -> torch.Tensor:
+def original_size_stats(
+    logits: torch.Tensor, full_masks: list[np.ndarray], aspect: str = "stretch"
+) -> torch.Tensor:
     """metrics.FIELDS of a batch scored at each image's original size: its logits upsampled
-    (bilinear, as the images were resized) to its original mask's size."""
+    (bilinear, as the images were resized; a letterbox cropped off first) to its original
+    mask's size (data.sizes.unfit_logits)."""
     stats = metrics.zeros(logits.device)
     for i, full in enumerate(full_masks):
         mask = torch.from_numpy(np.ascontiguousarray(full)).to(logits.device)
-        up = F.interpolate(logits[i : i + 1].float(), size=mask.shape, mode="bilinear",
-                           align_corners=False)  # fmt: skip
+        up = unfit_logits(logits[i : i + 1].float(), tuple(mask.shape), aspect)
         stats += metrics.batch_stats(up, mask[None])
     return stats
 
@@ -111,16 +114,21 @@ def run_evaluate(
         num_workers=num_workers,
         border=cfg.data.border,
         size=cfg.data.size,
+        aspect=cfg.data.aspect,
         pin_memory=cfg.data.pin_memory and accelerator.device.type == "cuda",
         persistent_workers=False,  # one pass
         full_masks=original_size,
+        decode=cfg.data.decode,  # gpu: JPEG batches decoded on the device (data/decode.py)
+        device=accelerator.device,
+        say=console.line,
     )
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(accelerator.device, memory_format=memory_format)
     on_batch = (lambda b, logits: _save_masks(b, logits, mask_dir)) if mask_dir else None
     result = evaluate(model, loader, accelerator, channels_last=cfg.train.channels_last,
                       console=console, on_batch=on_batch, normalize=uses_imagenet_norm(cfg),
-                      tta=tta, original_size=original_size)  # fmt: skip
+                      tta=tta, original_size=original_size,
+                      aspect=manifest.fit_aspect(cfg.data.aspect))  # fmt: skip
     expected = manifest.num_samples(split)
     if result["num_images"] != expected:
         raise DataError(
@@ -152,7 +160,7 @@ def _headline(result: dict) -> dict:
 def _save_masks(batch: dict, logits: torch.Tensor, out: Path) -> None:
     """Predicted mask (0/255 PNG) and an image | truth | prediction overlay per sample."""
     preds = (logits[:, 0] > 0).cpu().numpy()
-    images = batch["image"].permute(0, 2, 3, 1).numpy()
+    images = batch["image"].permute(0, 2, 3, 1).cpu().numpy()  # on the GPU: data.decode gpu
     truths = batch["mask"].numpy()
     for name, image, pred, truth in zip(batch["name"], images, preds, truths):
         save_mask_png(pred, out / "masks" / f"{name}.png")

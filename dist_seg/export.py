@@ -6,8 +6,10 @@ writes ``unet.onnx`` and ``unet.onnx.json``. The exported model takes float32 RG
 [0, 1], shape [B, 3, H, W] with any B, H and W the PyTorch model takes, and returns logits
 [B, 1, H, W] (ImageNet normalization, for a run that started from ImageNet weights, is
 inside it). Its metadata (ONNX ``metadata_props``, TorchScript extra file ``dist_seg.json``)
-holds the model name, width and training image size, so ``load_exported`` and
-``exported_size`` give ``predict`` what it needs without the checkpoint.
+holds the model name, width, training image size (``image_size``: the side, or "HxW" when
+not square; ``image_height``, ``image_width``) and aspect policy (``aspect``: stretch |
+pad), so ``load_exported`` and ``exported_size`` give ``predict`` what it needs without the
+checkpoint.
 
 How: both formats trace the model (``torch.jit.trace``; ``torch.onnx.export`` with
 ``dynamo=False``, whose ``dynamic_axes`` free batch, height and width, and which needs only
@@ -20,13 +22,14 @@ identity. UNet has no such branch (its size check, which a trace drops, only rai
 The file is written only after it is checked: it is run (onnxruntime on the CPU, or the
 TorchScript interpreter) and compared with the PyTorch model on
 
-- random images at the training size (batch 1) and at a second size (batch 2): ``checks``,
-  ``max_abs_diff``;
+- random images at the training size H x W (batch 1) and at (H + 32) x (W + 16) (batch 2):
+  ``checks``, ``max_abs_diff``;
 - real-layout images: the first ``REAL_IMAGES`` readable images of the test split of a
   Pets root (``--check-data DIR``; without it, a synthetic twin made by
   ``dist_seg.data.synth`` in a temporary folder), read by ``pets.load_sample`` and prepared
-  as ``predict`` prepares them (``pets.resize_pair`` to the training size, float in [0, 1]):
-  all of them at the training size, and the first one also 32 px larger (``checks_real``,
+  as ``predict`` prepares them (``sizes.fit_pair`` to the training size under the training
+  aspect policy, float in [0, 1]): all of them at the training size, and the first one also
+  32 px larger each way (``checks_real``,
   ``max_abs_diff_real``, ``check_data``).
 
 A max absolute logit difference above ``TOLERANCE`` on either is a UserError, and so is a
@@ -50,7 +53,8 @@ import torch
 from torch import Tensor, nn
 
 from dist_seg.checkpoint import model_from_checkpoint
-from dist_seg.data.pets import iter_split, resize_pair
+from dist_seg.data.pets import iter_split
+from dist_seg.data.sizes import fit_pair, format_size, parse_size, trained_aspect
 from dist_seg.data.synth import make_synthetic
 from dist_seg.errors import DataError, UserError
 from dist_seg.models.pretrained import normalize_imagenet, uses_imagenet_norm
@@ -105,13 +109,19 @@ def export_checkpoint(
     if uses_imagenet_norm(cfg):
         model = _ImageNetInput(model)
     model = model.float().eval()  # after wrapping: the ONNX exporter restores the wrapper's mode
-    size = cfg.data.size or 256  # 0 = the pack's own size, not in the checkpoint
-    source, real = _real_layout_inputs(check_data, size)  # before any work: a bad DIR fails fast
+    # (h, w) trained at; 0: the pack's own size, which older checkpoints did not record
+    size = parse_size(cfg.data.size or 256, "the checkpoint's data.size")
+    aspect = trained_aspect(cfg)
+    # before any work: a bad DIR fails fast
+    source, real = _real_layout_inputs(check_data, size, aspect)
     meta = {
         "model": cfg.model.name,
         "width": cfg.model.width,
         "stem_pool": cfg.model.stem_pool,
         "image_size": cfg.data.size,
+        "image_height": size[0] if cfg.data.size else 0,
+        "image_width": size[1] if cfg.data.size else 0,
+        "aspect": aspect,
         "imagenet_norm": uses_imagenet_norm(cfg),
         "input": "float32 RGB in [0, 1], [B, 3, H, W]",
         "output": "logits [B, 1, H, W]",
@@ -129,7 +139,7 @@ def export_checkpoint(
                 _export_torchscript(model, example, tmp, meta)
         exported = ExportedModel(tmp)
         g = torch.Generator().manual_seed(1)
-        shapes = [(1, 3, size, size), (2, 3, size + 32, size + 16)]
+        shapes = [(1, 3, *size), (2, 3, size[0] + 32, size[1] + 16)]
         checks = _check(model, exported, [torch.rand(s, generator=g) for s in shapes])
         diffs = _check(model, exported, [images for _, images in real])
         checks_real = [
@@ -207,11 +217,14 @@ def _export_torchscript(model: nn.Module, example: Tensor, path: Path, meta: dic
     torch.jit.save(traced, str(path), _extra_files={f"{META_KEY}.json": json.dumps(meta)})
 
 
-def _real_layout_inputs(check_data: str | Path | None, size: int) -> tuple[str, list]:
+def _real_layout_inputs(
+    check_data: str | Path | None, size: int | tuple[int, int], aspect: str = "stretch"
+) -> tuple[str, list]:
     """(source, [(names, images [B, 3, H, W])]): the first REAL_IMAGES readable test images
     of ``check_data`` (a Pets root) or of a synthetic set, as ``predict_mask`` feeds them to
-    an exported model (and, normalized, to the PyTorch one): resized to ``size`` x ``size``,
-    float in [0, 1]; the first image also at ``size + 32``."""
+    an exported model (and, normalized, to the PyTorch one): fitted to ``size`` (h, w) under
+    ``aspect``, float in [0, 1]; the first image also 32 px larger each way."""
+    size = parse_size(size, "the checkpoint's data.size")
     if check_data is None:
         source = f"synthetic: dist_seg.data.synth, {SYNTH_IMAGES} images, seed {SYNTH_SEED}"
         with tempfile.TemporaryDirectory(prefix="dist-seg-export-") as tmp:
@@ -226,12 +239,13 @@ def _real_layout_inputs(check_data: str | Path | None, size: int) -> tuple[str, 
         if not samples:
             raise UserError(f"--check-data {check_data}: no readable image in its test split")
 
-    def batch(side: int, chosen: list) -> Tensor:  # as predict_mask prepares an image
-        arrays = [np.array(resize_pair(s.image, s.trimap, side)[0]) for s in chosen]
+    def batch(hw: tuple[int, int], chosen: list) -> Tensor:  # as predict_mask prepares one
+        arrays = [np.array(fit_pair(s.image, None, hw, aspect)[0]) for s in chosen]
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255)
 
     names = [s.name for s in samples]
-    return source, [(names, batch(size, samples)), (names[:1], batch(size + 32, samples[:1]))]
+    larger = (size[0] + 32, size[1] + 32)
+    return source, [(names, batch(size, samples)), (names[:1], batch(larger, samples[:1]))]
 
 
 @torch.no_grad()
@@ -264,7 +278,9 @@ class ExportedModel:
     tensor, any device) -> float32 logits tensor [B, 1, H, W] on the CPU.
 
     ``format`` is "onnx" (run by onnxruntime on the CPU) or "torchscript"; ``meta`` is the
-    metadata export wrote (``image_size``: the training side, 0 = images were not resized).
+    metadata export wrote (``image_size``: the training side or "HxW", 0 = images were not
+    resized). ``size`` is that as (height, width) and ``aspect`` the policy images were
+    fitted with (stretch for files exported before it was recorded).
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -279,7 +295,9 @@ class ExportedModel:
             with warnings.catch_warnings():  # torch.jit.load's DeprecationWarning
                 warnings.simplefilter("ignore", DeprecationWarning)
                 self._module = torch.jit.load(str(self.path), map_location="cpu").eval()
-        self.image_size: int = int(self.meta["image_size"])
+        self.size = parse_size(self.meta["image_size"], f"{self.path} image_size")
+        self.image_size: int | str = format_size(self.size)
+        self.aspect: str = self.meta.get("aspect", "stretch")
 
     def __call__(self, images: np.ndarray | Tensor) -> Tensor:
         if isinstance(images, Tensor):
@@ -298,9 +316,10 @@ def load_exported(path: str | Path) -> ExportedModel:
     return ExportedModel(path)
 
 
-def exported_size(path: str | Path) -> int:
-    """The training image side stored in an exported file (0 = the model saw images unresized)."""
-    return int(read_metadata(path)["image_size"])
+def exported_size(path: str | Path) -> int | str:
+    """The training image size stored in an exported file: the side, or "HxW" when not
+    square (0 = the model saw images unresized)."""
+    return read_metadata(path)["image_size"]
 
 
 def read_metadata(path: str | Path) -> dict:

@@ -58,7 +58,7 @@ def batch_stats(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         [
             dice.sum(),
             iou.sum(),
-            torch.tensor(float(len(inter)), dtype=torch.float64, device=logits.device),
+            torch.full((), len(inter), dtype=torch.float64, device=logits.device),  # no copy
             inter.sum(),
             p.sum(),
             t.sum(),

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dist_seg.checkpoint import model_from_checkpoint
-from dist_seg.data.pets import decode_image, resize_pair
+from dist_seg.data.pets import decode_image
+from dist_seg.data.sizes import fit_pair, parse_size, trained_aspect, unfit_logits
 from dist_seg.errors import DataError, UserError, make_dir
 from dist_seg.models.pretrained import normalize_imagenet, uses_imagenet_norm
 from dist_seg.tta import flip_tta
@@ -20,17 +20,20 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".ti
 
 @torch.no_grad()
 def predict_mask(
-    model, image: np.ndarray, size: int, device="cpu", *, normalize=False, tta=False
+    model, image: np.ndarray, size, device="cpu", *, normalize=False, tta=False, aspect="stretch"
 ) -> np.ndarray:
-    """HxW bool mask for an HxWx3 uint8 image: resized to the training size, logits resized
-    back. ``model`` is a module or an exported model (dist_seg.export.load_exported)."""
+    """HxW bool mask for an HxWx3 uint8 image: fitted to the training ``size`` (a side,
+    "HxW" or (h, w); 0: as it is) under the training ``aspect`` policy, the logits mapped
+    back to the image's own size (for pad, the letterbox cropped off first; data.sizes).
+    ``model`` is a module or an exported model (dist_seg.export.load_exported)."""
     h, w = image.shape[:2]
-    small, _ = resize_pair(image, np.zeros((h, w), np.uint8), size)
+    hw = parse_size(size, "the checkpoint's data.size")
+    small = image if hw == (0, 0) else fit_pair(image, None, hw, aspect)[0]
     x = torch.from_numpy(np.array(small)).permute(2, 0, 1)[None].float().div_(255)
     if normalize:
         x = normalize_imagenet(x)
     logits = flip_tta(model, x.to(device), enabled=tta)
-    logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
+    logits = unfit_logits(logits.float(), (h, w), aspect)
     return (logits[0, 0] > 0).cpu().numpy()
 
 
@@ -43,12 +46,13 @@ def predict(
         from dist_seg.export import load_exported
 
         model = load_exported(exported)
-        size, device, normalize = model.image_size, "cpu", False
+        size, aspect, device, normalize = model.size, model.aspect, "cpu", False
     else:
         model, cfg, _ = model_from_checkpoint(checkpoint)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = model.to(device).eval()
         size, normalize = cfg.data.size, uses_imagenet_norm(cfg)
+        aspect = trained_aspect(cfg)
     src = Path(input_path)
     if src.is_dir():
         files = sorted(
@@ -72,7 +76,7 @@ def predict(
                 raise
             skipped.append(f"{path.name}: {e}")
             continue
-        mask = predict_mask(model, image, size, device, normalize=normalize, tta=tta)
+        mask = predict_mask(model, image, size, device, normalize=normalize, tta=tta, aspect=aspect)
         save_mask_png(mask, out_dir / f"{path.stem}_mask.png")
         save_png(side_by_side(image, mask), out_dir / f"{path.stem}_overlay.png")
         done += 1

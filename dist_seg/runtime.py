@@ -53,7 +53,9 @@ def make_accelerator(
     if not cuda and uses_deepspeed():
         kwargs.backend = "gloo"  # DeepSpeed on CPU asserts or fails allgather otherwise (DESIGN 4)
     accelerator = Accelerator(
-        cpu=not cuda,
+        # cpu=True makes accelerate drop a DeepSpeed config without a word (MULTI_CPU, plain
+        # DDP); DeepSpeed itself picks its CPU accelerator where there is no CUDA.
+        cpu=not cuda and not uses_deepspeed(),
         mixed_precision=resolve_precision(precision, cuda),
         gradient_accumulation_steps=grad_accum,
         log_with=log_with,
@@ -199,3 +201,54 @@ class Preemption:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+class LateFlags:
+    """Per-step decisions without a host sync: flags all-reduced on the device, read by the
+    host one step late.
+
+    Each step ``reduce`` sums [this rank's loss is non-finite, this rank was asked to stop]
+    over ranks on the device (an all-reduce queued like any kernel), and ``push`` copies the
+    step's flags into pinned host memory behind an event. ``read`` returns the pushed values,
+    waiting for that event only: called after the next step's forward and backward are
+    queued, it waits for work finished long ago, so the device never waits for the host.
+    Every rank reads the same all-reduced values at the same step: the same decisions.
+    """
+
+    def __init__(self, accelerator: Accelerator, preemption: Preemption, size: int = 3):
+        self.accelerator, self.preemption = accelerator, preemption
+        cuda = accelerator.device.type == "cuda"
+        # Host buffers read and written through numpy views: no torch call, no sync.
+        self._stop = torch.zeros(1, pin_memory=cuda)
+        self._stop_view = self._stop.numpy()
+        self._host = torch.zeros(size, pin_memory=cuda)
+        self._host_view = self._host.numpy()
+        self._event = torch.cuda.Event() if cuda else None
+        self.pending = None  # what the last push was about (the trainer's step), until read
+
+    def reduce(self, bad: torch.Tensor) -> torch.Tensor:
+        """[ranks with a non-finite loss, ranks asked to stop] on the device, all-reduced."""
+        acc = self.accelerator
+        # The stop flag goes host -> device without blocking. A copy still queued when the
+        # next step rewrites the buffer can only see 1 a step early: the flag never goes back.
+        self._stop_view[0] = float(self.preemption.requested)
+        stop = self._stop.to(acc.device, non_blocking=True)
+        flags = torch.cat([bad.reshape(1).float(), stop])
+        if acc.num_processes > 1:
+            flags = acc.reduce(flags, reduction="sum")
+        return flags
+
+    def push(self, flags: torch.Tensor, about) -> None:
+        self._host.copy_(flags, non_blocking=True)
+        if self._event is not None:
+            self._event.record()
+        self.pending = about
+
+    def read(self):
+        """(values, about) of the last push, then nothing until the next push."""
+        if self.pending is None:
+            return None, None
+        if self._event is not None:
+            self._event.synchronize()
+        about, self.pending = self.pending, None
+        return self._host_view.copy(), about

@@ -97,15 +97,17 @@ class Tracker:
 
     def collector(self, panel: list):
         """An evaluate() on_batch hook keeping the first ``wandb.log_images`` samples as
-        (name, image HxWx3 uint8, prediction HxW bool, truth HxW uint8); None when off."""
+        (name, image 3xHxW uint8 tensor, prediction HxW bool tensor, truth HxW uint8); None
+        when off."""
         limit = self.cfg.wandb.log_images
         if not (self.enabled and self.accelerator.is_main_process and limit > 0):
             return None
 
         def keep(batch, logits):
             for i in range(min(len(batch["name"]), limit - len(panel))):
-                image = batch["image"][i].permute(1, 2, 0).numpy()
-                pred = (logits[i, 0] > 0).cpu().numpy()
+                # Kept where they are (on the device with data.decode=gpu): read once, in
+                # log_images, not per batch (a read from the device is a host sync).
+                image, pred = batch["image"][i], logits[i, 0] > 0
                 panel.append((batch["name"][i], image, pred, batch["mask"][i].numpy()))
 
         return keep
@@ -118,8 +120,9 @@ class Tracker:
 
         labels = {0: "background", 1: "pet"}
         images = [
-            wandb.Image(image, caption=name, masks={
-                "prediction": {"mask_data": pred.astype("uint8"), "class_labels": labels},
+            wandb.Image(image.permute(1, 2, 0).cpu().numpy(), caption=name, masks={
+                "prediction": {"mask_data": pred.cpu().numpy().astype("uint8"),
+                               "class_labels": labels},
                 "truth": {"mask_data": (truth == 1).astype("uint8"), "class_labels": labels},
             })
             for name, image, pred, truth in panel

@@ -21,8 +21,10 @@ from accelerate.utils import gather_object
 from dist_seg import metrics
 from dist_seg.checkpoint import (
     TrainState,
+    gather_zero_state,
     load_train_state,
     load_weights,
+    load_zero_state,
     model_from_config,
     save_checkpoint,
     save_train_state,
@@ -31,8 +33,10 @@ from dist_seg.config import Config, config_from_dict, dump_config
 from dist_seg.console import Console, wandb_mode
 from dist_seg.data.manifest import FORMAT_VERSION, check_shards, load_manifest
 from dist_seg.data.records import SampleRecorder, summarize
+from dist_seg.data.sizes import resolve as resolve_size
 from dist_seg.data.stream import build_loader
 from dist_seg.data.transforms import random_flips, to_device
+from dist_seg.ema import EMA
 from dist_seg.errors import UserError
 from dist_seg.evaluate import evaluate
 from dist_seg.models.pretrained import (
@@ -41,6 +45,7 @@ from dist_seg.models.pretrained import (
     uses_imagenet_norm,
 )
 from dist_seg.runtime import (
+    LateFlags,
     Preemption,
     apply_speed_switches,
     make_accelerator,
@@ -100,17 +105,20 @@ def prepare_shards(cfg: Config, accelerator, console) -> str:
     manifest = shards / "manifest.json"
     current = json.loads(manifest.read_text()) if manifest.exists() else {}
     root = str(Path(cfg.data.root).resolve())
-    size = cfg.data.size or 256
+    size = cfg.data.size or 256  # a side or "HxW", as the manifest writes it
+    aspect = "stretch" if cfg.data.aspect == "auto" else cfg.data.aspect
     fresh = (
         current.get("source", {}).get("root") == root
         and current.get("image_size") == size
+        and current.get("aspect", "stretch") == aspect
         and current.get("format_version", 1) == FORMAT_VERSION  # older packs: repacked once
     )
     error = None
     if not fresh and accelerator.is_main_process:
         console.print(f"packing {root} into {shards} (once; later runs reuse it)")
         try:
-            pack(Path(root), shards, size=size, workers=max(1, (os.cpu_count() or 2) // 2))
+            pack(Path(root), shards, size=size, workers=max(1, (os.cpu_count() or 2) // 2),
+                 aspect=aspect)  # fmt: skip
         except UserError as e:
             error = e
     raise_on_any_rank(accelerator, error)
@@ -166,12 +174,16 @@ class Trainer:
         raise_on_any_rank(acc, error)  # not only on the main process: others would wait
 
         self.manifest = load_manifest(prepare_shards(cfg, acc, self.console))
+        # The size and aspect policy trained at (0 / auto: the pack's), as config.yaml and the
+        # checkpoints record them for evaluate, predict and export.
+        cfg.data.size, cfg.data.aspect = resolve_size(cfg.data.size, cfg.data.aspect, self.manifest)
         splits = (cfg.data.train_split, cfg.data.val_split)
         raise_on_any_rank(acc, check_shards(self.manifest, splits, self.rank, self.world))
         common = dict(rank=self.rank, world_size=self.world, num_workers=cfg.data.num_workers,
-                      border=cfg.data.border, size=cfg.data.size,
+                      border=cfg.data.border, size=cfg.data.size, aspect=cfg.data.aspect,
                       pin_memory=cfg.data.pin_memory and acc.device.type == "cuda",
-                      persistent_workers=cfg.data.persistent_workers)  # fmt: skip
+                      persistent_workers=cfg.data.persistent_workers, decode=cfg.data.decode,
+                      device=acc.device, say=self.console.line)  # fmt: skip
         self.train_loader = train_loader if train_loader is not None else build_loader(
             self.manifest, cfg.data.train_split, batch_size=cfg.train.batch_size, train=True,
             seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer, **common,
@@ -188,16 +200,12 @@ class Trainer:
         self.normalize = uses_imagenet_norm(cfg)
         if cfg.train.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        if cfg.train.channels_last:
+        # Not under DeepSpeed: ZeRO makes every weight a contiguous view of its flat buffer
+        # anyway, and its first broadcast fails on channels-last weights ("self.stride(-1)
+        # must be 1 to view Float as Byte"); the inputs stay channels-last.
+        if cfg.train.channels_last and acc.state.deepspeed_plugin is None:
             model = model.to(memory_format=torch.channels_last)
-        # Fused Adam on CUDA: one kernel for all parameters, and with fp16 the grad scaler
-        # hands it the inf check instead of reading it on the host; foreach elsewhere (and
-        # under DeepSpeed, whose ZeRO optimizer wraps this one's flattened groups).
-        fused = acc.device.type == "cuda" and acc.state.deepspeed_plugin is None
-        optimizer = torch.optim.Adam(
-            model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-            fused=fused or None, foreach=None if fused else True,
-        )  # fmt: skip
+        optimizer, self.fused = make_adam(model, cfg, acc.state.deepspeed_plugin is not None)
         self.steps_per_epoch = len(self.train_loader)
         total = cfg.train.epochs * self.steps_per_epoch // cfg.optim.grad_accum
         self.scheduler = make_scheduler(optimizer, cfg, total)
@@ -207,6 +215,7 @@ class Trainer:
         self.best = {"dice_per_image": -1.0, "epoch": 0}
         self.train_sums = torch.zeros(2, dtype=torch.float64)
         self.stop_requested, self.skipped_batches = False, 0
+        self.bn: list[torch.Tensor] = []  # BatchNorm buffers restored after a skipped batch
         self.epoch_base = 0  # global step at which the current epoch's plan began
         # The audit trail: every rank's trained keys (history digest; files if asked).
         self.recorder = SampleRecorder(self.run_dir, self.rank, self.world, cfg.data.record_samples)
@@ -223,6 +232,10 @@ class Trainer:
             ds = acc.state.deepspeed_plugin.deepspeed_config
             ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        if state is not None and self.deepspeed:  # ZeRO's slices exist only from prepare on
+            note = load_zero_state(self.optimizer, state.optimizer, self.resumed_from)
+            if note:
+                self.console.print(note)
         self.train_sums = self.train_sums.to(acc.device)
         self.dtype = next(self.model.parameters()).dtype  # bf16 under DeepSpeed bf16
         self.ema = make_ema(self.raw_model, cfg) if cfg.train.ema_decay else None
@@ -239,6 +252,10 @@ class Trainer:
         # summary.json describes the latest attempt only ("preempted" is what a job reads)
         self.on_main(lambda: (self.run_dir / "summary.json").unlink(missing_ok=True))
         self.preemption = Preemption()
+        # The step's decisions, taken on the device and read by the host a step late.
+        self.flags = LateFlags(acc, self.preemption)
+        self.window_bad = torch.zeros(1, device=acc.device)  # non-finite losses in the window
+        self.coins = torch.Generator(device=acc.device)  # the flips' coins, reseeded each step
         self.tracker = Tracker(acc, cfg, self.run_dir)
 
     @property
@@ -293,64 +310,20 @@ class Trainer:
         self.recorder.start_epoch(self.epoch, loader.trained_before(self.epoch))
         self.model.train()
         global_batch = cfg.train.batch_size * self.world
-        accum, last = cfg.optim.grad_accum, epoch_steps - 1
         # train.nonfinite=skip: the forward of a skipped batch has already moved BatchNorm's
-        # running statistics; they are put back from this copy (a few KB, every step).
-        bn = batchnorm_buffers(self.raw_model) if cfg.train.nonfinite == "skip" else []
+        # running statistics; they are put back from a copy (a few KB, every step).
+        self.bn = batchnorm_buffers(self.raw_model) if cfg.train.nonfinite == "skip" else []
         save_due = False
         t0, start = time.perf_counter(), self.step
         with self.console.progress(f"epoch {self.epoch + 1}", len(loader)) as update:
             for data in loader:
-                images, masks = to_device(data, acc.device, cfg.train.channels_last, self.dtype)
-                if cfg.data.flip:  # coins from (seed, epoch, step, rank): resumes flip alike
-                    key = hash((cfg.train.seed, self.epoch, self.step, self.rank)) % (2**62)
-                    images, masks = random_flips(images, masks, torch.Generator().manual_seed(key))
-                if self.normalize:
-                    images = normalize_imagenet(images)
-                # Accumulation windows of grad_accum batches start afresh every epoch and the
-                # last one closes at the epoch's end: accelerate would see the end only of a
-                # loader it prepared, which a WebDataset loader must not be (DESIGN.md 2).
-                # Set from the position alone, so a resumed run's windows are the same.
-                acc.step = accum - 1 if self.step == last else self.step % accum
-                before = [b.clone() for b in bn]
-                with acc.accumulate(self.model):
-                    boundary = acc.sync_gradients  # this batch ends a window: optimizer step
-                    logits = self.model(images)
-                    loss, bce_sum = loss_fn(logits, masks, cfg.optim.loss)
-                    # One scalar all-reduce per step, before backward, so every rank takes the
-                    # same decisions: skip a non-finite batch (no rank may skip backward
-                    # alone: DDP would hang) and stop for preemption at the next window
-                    # boundary (the signal comes 90 s before the kill: a check every N steps
-                    # could miss it on slow steps).
-                    nonfinite, stop = self.agree(not torch.isfinite(loss).item())
-                    if nonfinite and cfg.train.nonfinite == "stop":
-                        raise UserError(
-                            f"non-finite loss at epoch {self.epoch + 1} step {self.step + 1} "
-                            f"(global step {self.global_step() + 1}); the last good checkpoint is "
-                            f"{self.run_dir / 'last.pt'}. Lower optim.lr, set optim.grad_clip, "
-                            "or set train.nonfinite=skip"
-                        )
-                    if nonfinite:
-                        self.skipped_batches += 1
-                        for buf, old in zip(bn, before, strict=True):
-                            buf.copy_(old)
-                    else:
-                        acc.backward(loss)
-                        if acc.sync_gradients and cfg.optim.grad_clip > 0:
-                            acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-                        self.optimizer.step()
-                        if acc.sync_gradients:
-                            self.scheduler.step()
-                            if self.ema is not None:  # every rank: the weights are the same
-                                self.ema.update_parameters(self.raw_model)
-                        self.train_sums[0] += bce_sum
-                        self.train_sums[1] += (masks != metrics.IGNORE_INDEX).sum()
-                    self.optimizer.zero_grad(set_to_none=True)
+                boundary = self.train_step(data, last=epoch_steps - 1)
                 self.step += 1
                 self.recorder.add(data["key"])  # trained (or skipped as non-finite): consumed
                 every = cfg.run.checkpoint_every
                 save_due |= bool(every) and self.global_step() % every == 0
                 if self.step % cfg.train.log_every == 0 or self.step == epoch_steps:
+                    self.settle()  # logging syncs anyway: this step's flags, now
                     # global, not rank 0's
                     window = acc.reduce(self.train_sums.clone(), reduction="sum")
                     loss_now = (window[0] / window[1]).item()
@@ -364,21 +337,104 @@ class Trainer:
                 # gradients accumulated so far (a few more batches at most).
                 if not boundary or self.step == epoch_steps:
                     continue
-                if stop:
+                if self.stop_requested:
                     return False
                 if save_due:
                     self.save("last.pt")
                     save_due = False
+        self.settle()  # the epoch's last step
         return True
 
-    def agree(self, nonfinite: bool) -> tuple[bool, bool]:
-        """(any rank's loss non-finite, any rank asked to stop), the same on every rank."""
-        flags = [float(nonfinite), float(self.preemption.requested)]
-        if self.world > 1:
-            both = torch.tensor(flags, device=self.accelerator.device)
-            flags = self.accelerator.reduce(both, reduction="sum").tolist()
-        self.stop_requested = flags[1] > 0
-        return flags[0] > 0, self.stop_requested
+    def train_step(self, data: dict, last: int) -> bool:
+        """One batch: forward, backward and, when it closes an accumulation window, the
+        optimizer step. It only queues device work and never waits for the device (no host
+        sync: tests/test_no_sync.py); the flags it all-reduces are acted on a step later
+        (``settle``). Returns whether the batch closed a window."""
+        cfg, acc = self.cfg, self.accelerator
+        images, masks = to_device(data, acc.device, cfg.train.channels_last, self.dtype)
+        if cfg.data.flip:  # coins from (seed, epoch, step, rank): resumes flip alike
+            key = hash((cfg.train.seed, self.epoch, self.step, self.rank)) % (2**62)
+            images, masks = random_flips(images, masks, self.coins.manual_seed(key))
+        if self.normalize:
+            images = normalize_imagenet(images)
+        # Accumulation windows of grad_accum batches start afresh every epoch and the last
+        # one closes at the epoch's end: accelerate would see the end only of a loader it
+        # prepared, which a WebDataset loader must not be (DESIGN.md 2). Set from the
+        # position alone, so a resumed run's windows are the same.
+        accum = cfg.optim.grad_accum
+        acc.step = accum - 1 if self.step == last else self.step % accum
+        before = [b.clone() for b in self.bn]
+        with acc.accumulate(self.model):
+            boundary = acc.sync_gradients  # this batch ends a window: optimizer step
+            logits = self.model(images)
+            loss, bce_sum = loss_fn(logits, masks, cfg.optim.loss)
+            bad = ~torch.isfinite(loss)  # this rank's batch
+            # One all-reduce of two flags per step, queued on the device: any rank's loss
+            # non-finite, any rank asked to stop (the signal comes 90 s before the kill: a
+            # check every N steps could miss it on slow steps).
+            flags = self.flags.reduce(bad)
+            first = self.step % accum == 0
+            self.window_bad = flags[:1] if first else self.window_bad + flags[:1]
+            if self.deepspeed:  # its optimizer steps inside backward: skipped from the host
+                self.settle()
+                if flags[0].item() == 0:  # the one host sync left, DeepSpeed only
+                    acc.backward(loss)
+            else:  # every rank runs backward, a non-finite loss too (DDP would hang otherwise)
+                acc.backward(loss)
+                self.settle()  # the last step's flags, read while this step's work runs
+            for buf, old in zip(self.bn, before, strict=True):  # after backward, which reads
+                buf.copy_(torch.where(bad, old, buf))  # them: a skipped batch's BN moves undone
+            if boundary and cfg.optim.grad_clip > 0:
+                acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            skipped = self.optimizer_step(boundary)
+            self.optimizer.zero_grad(set_to_none=True)
+        counts = torch.stack([bce_sum.double(), (masks != metrics.IGNORE_INDEX).sum().double()])
+        self.train_sums += torch.where(bad, 0.0, counts)
+        self.flags.push(torch.cat([flags, skipped]),
+                        (self.epoch, self.step, self.global_step(), boundary))  # fmt: skip
+        return boundary
+
+    def optimizer_step(self, boundary: bool) -> torch.Tensor:
+        """The optimizer step (accelerate takes it at window boundaries only), skipped on the
+        device when a loss in the window was non-finite: fused Adam takes that as its
+        ``found_inf`` (as the grad scaler hands it), the EMA as a zero weight. Returns the
+        device flag [1] of a skipped step (fp16: the grad scaler's skip too)."""
+        acc, inner = self.accelerator, self.optimizer.optimizer
+        skipped = (self.window_bad > 0).float() if boundary else torch.zeros_like(self.window_bad)
+        scaler = acc.scaler  # fp16: the scaler passes its own found_inf (non-finite grads)
+        scale = scaler._scale.clone() if boundary and scaler is not None else None
+        if boundary and scaler is None and self.fused:
+            inner.found_inf = skipped.reshape(())
+        if not boundary or self.fused or self.deepspeed or skipped.item() == 0:  # .item():
+            self.optimizer.step()  # only without a fused kernel for this device
+        inner.__dict__.pop("found_inf", None)
+        if scale is not None:  # the scaler backs off its scale exactly when it skipped
+            skipped = torch.maximum(skipped, (scaler._scale < scale).float())
+        if boundary and self.ema is not None:  # every rank: the weights are the same
+            self.ema.update_parameters(self.raw_model, skip=skipped)
+        return skipped
+
+    def settle(self) -> None:
+        """Acts on the last step's flags, all-reduced on the device then, the same on every
+        rank: counts a non-finite batch (or stops on it: train.nonfinite=stop; its optimizer
+        step was skipped on the device), steps the LR scheduler after an optimizer step that
+        was taken (read before the next one, which is the first to use the new rate), and
+        notes a stop request (acted on at the next window boundary)."""
+        values, about = self.flags.read()
+        if values is None:
+            return
+        (bad, stop, skipped), (epoch, step, global_step, boundary) = values, about
+        if bad > 0:
+            if self.cfg.train.nonfinite == "stop":
+                raise UserError(
+                    f"non-finite loss at epoch {epoch + 1} step {step + 1} (global step "
+                    f"{global_step + 1}); the last good checkpoint is {self.run_dir / 'last.pt'}. "
+                    "Lower optim.lr, set optim.grad_clip, or set train.nonfinite=skip"
+                )
+            self.skipped_batches += 1
+        if boundary and skipped == 0:
+            self.scheduler.step()
+        self.stop_requested |= stop > 0
 
     def validate(self, train_seconds: float) -> None:
         cfg, acc = self.cfg, self.accelerator
@@ -456,12 +512,17 @@ class Trainer:
     def save(self, name: str) -> None:
         """Collective (buffers are broadcast, train sums gathered); only the main process writes."""
         acc = self.accelerator
+        self.settle()  # the scheduler and counters up to date with the last step
         sync_buffers(self.model, acc)
         weights = acc.get_state_dict(self.model)
         if self.ema is not None:
             sync_buffers(self.ema, acc)
         sums = self.train_sums.unsqueeze(0)  # (ranks, 2): every rank's share of the epoch
         sums = acc.gather(sums).cpu() if self.world > 1 else sums.cpu()
+        # ZeRO shards Adam's state over the ranks: last.pt gets it whole from every rank.
+        zero = {}
+        if self.deepspeed and name != "best.pt":
+            zero = gather_zero_state(self.optimizer, self.main)
 
         def write():
             if name == "best.pt":  # best.pt holds the weights that were chosen
@@ -473,9 +534,7 @@ class Trainer:
                 return
             state = TrainState(
                 model=weights, config=self.cfg.to_dict(), epoch=self.epoch, step=self.step,
-                # ZeRO shards the optimizer state over ranks, and only rank 0 writes: under
-                # DeepSpeed a resume restores everything but Adam's moments (said at resume).
-                optimizer={} if self.deepspeed else self.optimizer.state_dict(),
+                optimizer=zero if self.deepspeed else self.optimizer.state_dict(),
                 scheduler=self.scheduler.state_dict(),
                 scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
                 ema=self.ema.state_dict() if self.ema is not None else None,
@@ -522,11 +581,14 @@ class Trainer:
                 "its gradients; resume from an end-of-epoch checkpoint (checkpoints/)"
             )
         load_weights(model, state.model, path)
-        if state.optimizer and not self.deepspeed:
+        if self.deepspeed:  # ZeRO's optimizer state: after prepare (load_zero_state)
+            pass
+        elif state.optimizer and "zero" not in state.optimizer:
             optimizer.load_state_dict(state.optimizer)
         else:
+            why = "saved under DeepSpeed ZeRO" if state.optimizer else "none in the checkpoint"
             self.console.print(
-                "[yellow]warning[/]: no optimizer state to restore (DeepSpeed run); Adam restarts its moments"
+                f"[yellow]warning[/]: optimizer state not restored ({why}); Adam restarts its moments"
             )
         self.scheduler.load_state_dict(state.scheduler)
         if state.scaler is not None and self.accelerator.scaler is not None:
@@ -606,25 +668,24 @@ def batchnorm_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
     return [b for m in model.modules() if isinstance(m, norms) for b in m.buffers()]
 
 
-def make_ema(model: torch.nn.Module, cfg: Config) -> torch.optim.swa_utils.AveragedModel:
+def make_adam(model: torch.nn.Module, cfg: Config, deepspeed: bool):
+    """(Adam, fused?). Fused wherever torch has the kernel (CUDA, CPU): one kernel for all
+    parameters, and it takes the skip of a step as a device flag (``found_inf``), so the
+    step never reads it on the host. On CPU it is also 5x faster than foreach (UNet: 17 vs
+    94 ms per step, AMD EPYC AVX512-BF16). Under DeepSpeed, whose ZeRO optimizer wraps this
+    one's flattened groups, foreach."""
+    kw = dict(lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    if not deepspeed:
+        try:
+            return torch.optim.Adam(model.parameters(), fused=True, **kw), True
+        except RuntimeError:  # no fused kernel for this device
+            pass
+    return torch.optim.Adam(model.parameters(), foreach=True, **kw), False
+
+
+def make_ema(model: torch.nn.Module, cfg: Config) -> EMA:
     """EMA of parameters and buffers; with warmup the decay is min(decay, (1+n)/(10+n))."""
-    decay, warmup = cfg.train.ema_decay, cfg.train.ema_warmup
-
-    @torch.no_grad()
-    def update(ema_params, params, n):
-        if not ema_params[0].is_floating_point():  # BatchNorm's num_batches_tracked
-            torch._foreach_copy_(ema_params, params)
-            return
-        n = float(n)
-        d = min(decay, (1 + n) / (10 + n)) if warmup else decay
-        if params[0].dtype != ema_params[0].dtype:  # a bf16 model (DeepSpeed bf16)
-            params = [p.float() for p in params]
-        torch._foreach_lerp_(ema_params, params, 1 - d)
-
-    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=update, use_buffers=True)
-    # The average stays in fp32 whatever the model's dtype: in bf16 (8 bits of mantissa) a
-    # lerp by 1 - 0.999 moves a weight by less than its rounding step, and the EMA never moves.
-    return ema.float()
+    return EMA(model, cfg.train.ema_decay, cfg.train.ema_warmup)
 
 
 def keep_numbered(run_dir: Path, step: int, keep: int) -> None:

@@ -9,8 +9,8 @@
 #                with --switches (compile on, fp16, fp32, contiguous, cudnn.benchmark off, ...):
 #                images/s, MFU, peak memory, first-step compile time; UNet also the real trainer
 #   max_batch    the largest UNet batch at 256 px that trains (bench train --max-batch)
-#   bench_data   bench data --workers 0,2,8: the streaming loader vs the seed's and webdataset's,
-#                decoded on the CPU (and on the GPU once `bench data --decode` exists)
+#   bench_data   bench data --workers 0,2,8 --decode gpu: the streaming loader vs the seed's and
+#                webdataset's, jpeg decoded in the workers and (data.decode=gpu) by nvJPEG
 #   train_2ep    dist-seg train, configs/unet.yaml, 2 epochs of a synthetic set at 256 px
 #
 # Writes into ${OUT:-gpu_check_out}: gpu_check.json (stage -> status, seconds, figures),
@@ -82,13 +82,10 @@ body() {
     local args=(--workers 0,2,8 --epochs 1 --repeats 1 --epoch-samples 1600 --num-images 300)
     [ "$DRY" = 1 ] && args=(--workers 0,1 --epochs 1 --repeats 1 --num-images 20 --size 32
       --batch 2 --epoch-samples 18)
-    $PY -m dist_seg bench data --work "$WORK/bench" "${args[@]}" \
-      --json "$OUT/bench_data_cpu.json" || return $?
-    # The hook for GPU JPEG decode (issue 15 item 3): runs once `bench data` has --decode.
-    if $PY -m dist_seg bench data --help | grep -q -- "--decode"; then
-      $PY -m dist_seg bench data --work "$WORK/bench" "${args[@]}" --decode gpu \
-        --json "$OUT/bench_data_gpu.json"
-    fi
+    # One run, so the two decodes are interleaved: the "jpeg" rows decode in the workers,
+    # "jpeg, gpu decode" in this process (nvJPEG; PIL in a dry run, which says so).
+    $PY -m dist_seg bench data --work "$WORK/bench" "${args[@]}" --decode gpu \
+      --json "$OUT/bench_data.json"
     ;;
   train_2ep)
     local n=200 sets=()  # the set bench_train made, if it ran
@@ -224,14 +221,20 @@ def train_figures(r):
     return fig
 
 
-def data_figures(r):
+GPU_DECODE = "jpeg, gpu decode"  # bench/data.py's row for data.decode=gpu
+
+
+def data_figures(r, gpu):
     rows = {}
+    keep = ("samples_per_s", "per_core", "samples_per_cpu_s", "toolkit_ratio", "vs_jpeg",
+            "vs_jpeg_cpu")
     for row in r["results"]:
         rows[str(row["workers"])] = {
-            k: {"samples_per_s": x["samples_per_s"], "per_core": x["per_core"],
-                **({"toolkit_ratio": x["toolkit_ratio"]} if "toolkit_ratio" in x else {})}
-            for k, x in row["loaders"].items()
+            k: {f: x[f] for f in keep if f in x}
+            for k, x in row["loaders"].items() if (k == GPU_DECODE) == gpu
         }
+    if gpu:
+        return {"workers": rows, **r.get("gpu_decode", {})}
     return {"workers": rows, "peer_goal_met": r["peer_goal_met"], "goal_met": r["goal_met"]}
 
 
@@ -247,6 +250,11 @@ if stage == "tests" and (out / "tests.xml").exists():
         for case in suite.iter("testcase") for child in case
         if child.tag in ("failure", "error", "skipped")
     }
+    # figures a test records (record_property), e.g. nvJPEG's largest difference to PIL
+    figures["recorded"] = {
+        case.get("name"): {p.get("name"): p.get("value") for p in case.iter("property")}
+        for case in suite.iter("testcase") if case.find("properties") is not None
+    }
 elif stage == "bench_train":
     for model in ("unet", "resnet34_unet"):
         r = load(f"bench_train_{model}.json")
@@ -259,10 +267,9 @@ elif stage == "max_batch":
     elif (out / "max_batch.refused").exists():
         figures = {"refused": "no CUDA"}
 elif stage == "bench_data":
-    for decode in ("cpu", "gpu"):
-        r = load(f"bench_data_{decode}.json")
-        if r:
-            figures[decode] = data_figures(r)
+    r = load("bench_data.json")
+    if r:  # cpu: every row decoded in the workers; gpu: the data.decode=gpu rows
+        figures = {"cpu": data_figures(r, False), "gpu": data_figures(r, True)}
 elif stage == "train_2ep":
     summary, history = load("train_2ep/summary.json"), load("train_2ep/history.json")
     if summary:

@@ -53,14 +53,15 @@ def free_port() -> int:
 
 
 def launch(
-    nproc: int, args: list[str], cwd: Path, timeout: int = 300
+    nproc: int, args: list[str], cwd: Path, timeout: int = 300, program=("-m", "dist_seg")
 ) -> subprocess.CompletedProcess:
     """`accelerate launch --multi_gpu --num_processes N -m dist_seg ...` with no CPU switch:
-    dist_seg itself must ask for CPU processes when there is no CUDA."""
+    dist_seg itself must ask for CPU processes when there is no CUDA. ``program``: what to
+    launch instead of ``-m dist_seg`` (a script's path)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
            "--num_processes", str(nproc), "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "dist_seg", *args]  # fmt: skip
+           *program, *args]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
     env["OMP_NUM_THREADS"] = "1"
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -413,6 +413,7 @@ CASES: dict[str, Case] = {
     "config-size-not-multiple-of-16": Case(config_set("data.size=100"), ("data.size: 100 must be a multiple of 16",)),
     "config-unknown-model": Case(config_set("model.name=vgg16"), ("model.name: 'vgg16' is not one of",)),
     "config-unknown-border": Case(config_set("data.border=maybe"), ("data.border: 'maybe' is not one of",)),
+    "config-unknown-decode": Case(config_set("data.decode=nvjpeg"), ("data.decode: 'nvjpeg' is not one of cpu, gpu",)),
     "config-file-missing": Case(config_file(None), ("run.yaml not found",)),
     "config-invalid-yaml": Case(config_file("optim: [lr: 1\n"), ("run.yaml is not valid YAML",)),
     "config-fp16-on-cpu": Case(config_set("train.precision=fp16"), ("train.precision=fp16 needs a GPU",)),

@@ -17,8 +17,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (none on this machine)"),
 ]
 
-SOON = "comes with issue 15 item {}: leave skipped until it lands"
-
 
 @pytest.fixture
 def cuda_state():
@@ -130,22 +128,133 @@ def test_fused_adam_steps_like_the_foreach_one(cuda_state):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.skip(reason="Trainer picks fused Adam on CUDA: " + SOON.format(2))
 def test_trainer_uses_fused_adam_on_cuda(packed, tmp_path, cuda_state):
     from dist_seg.train import Trainer
 
     trainer = Trainer(tiny_config(packed, tmp_path, "fused"))
     assert trainer.optimizer.optimizer.defaults.get("fused") is True
+    trainer.finish({}, 0.0)
 
 
-@pytest.mark.skip(reason="the training step with no host sync: " + SOON.format(1))
-def test_training_step_does_not_sync_under_sync_debug_mode_error():
-    """torch.cuda.set_sync_debug_mode("error") around steady-state steps of the Trainer."""
+def test_training_step_does_not_sync_under_sync_debug_mode_error(packed, tmp_path, monkeypatch,
+                                                                  cuda_state):  # fmt: skip
+    """torch.cuda.set_sync_debug_mode("error") around the Trainer's steady-state steps,
+    with flips, EMA, accumulation, clipping and the non-finite skip all on."""
+    from dist_seg.train import Trainer
+
+    real, calls = Trainer.train_step, []
+
+    def strict(self, data, last):
+        calls.append(1)
+        if len(calls) <= 2:  # lazy set-up: Adam's state, the first step's empty flags
+            return real(self, data, last)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return real(self, data, last)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    monkeypatch.setattr(Trainer, "train_step", strict)
+    cfg = tiny_config(packed, tmp_path, "strict",
+                      train={"epochs": 1, "log_every": 1000, "ema_decay": 0.99,
+                             "nonfinite": "skip", "precision": "bf16"},
+                      optim={"grad_accum": 2, "grad_clip": 1.0, "schedule": "cosine"},
+                      data={"flip": True, "num_workers": 0, "pin_memory": True})  # fmt: skip
+    Trainer(cfg).fit()
+    assert len(calls) > 4
 
 
-@pytest.mark.skip(reason="GPU JPEG decode (data.decode=gpu): " + SOON.format(3))
-def test_gpu_jpeg_decode_matches_the_worker_decode_within_a_level_or_two():
-    """nvJPEG vs libjpeg-turbo on packed jpeg shards: largest difference reported."""
+def test_fp16_scheduler_steps_only_with_the_optimizer(packed, tmp_path, cuda_state):
+    """A grad scale far too high overflows fp16 gradients: the scaler skips those optimizer
+    steps (Adam's step count stays), and the LR schedule must skip them too."""
+    from dist_seg.train import Trainer
+
+    cfg = tiny_config(packed, tmp_path, "fp16sched",
+                      train={"epochs": 2, "precision": "fp16"},
+                      optim={"schedule": "cosine"})  # fmt: skip
+    trainer = Trainer(cfg)
+    trainer.accelerator.scaler._init_scale = 2.0**40  # about 25 skipped steps before it fits
+    optimizer, scheduler = trainer.optimizer.optimizer, trainer.scheduler
+    trainer.fit()
+    taken = int(optimizer.state[optimizer.param_groups[0]["params"][0]]["step"])
+    assert taken < 2 * trainer.steps_per_epoch  # some steps were skipped
+    assert scheduler.last_epoch == taken
+
+
+def _decoded(manifest, split, **kw) -> dict:
+    """name -> (image on the CPU, mask, where the image came from) of every batch."""
+    from dist_seg.data.stream import build_loader
+
+    out = {}
+    for b in build_loader(manifest, split, batch_size=4, train=False, **kw):
+        for name, image, mask in zip(b["name"], b["image"], b["mask"], strict=True):
+            out[name] = (image.cpu(), mask, image.device.type)
+    return out
+
+
+def _largest_difference(cpu: dict, gpu: dict) -> tuple[int, float]:
+    assert cpu.keys() == gpu.keys() and cpu
+    diffs = []
+    for name, (image, mask, _) in cpu.items():
+        assert gpu[name][2] == "cuda", name  # decoded on the device
+        assert torch.equal(gpu[name][1], mask), name  # masks: lossless, from the workers
+        diffs.append((gpu[name][0].int() - image.int()).abs())
+    return max(int(d.max()) for d in diffs), float(torch.cat([d.flatten() for d in diffs]).float().mean())  # fmt: skip
+
+
+def test_gpu_jpeg_decode_matches_the_worker_decode_within_a_level_or_two(
+    packed_jpeg, tmp_path_factory, record_property
+):
+    """nvJPEG (data.decode=gpu) against libjpeg-turbo in the workers (data.decode=cpu): on
+    packed jpeg shards at their size, and on foreign shards of many sizes fitted on the
+    device (+1 level: F.interpolate against PIL's resize). The largest difference goes to
+    tests.xml (gpu_check.json) and the log."""
+    from test_decode import _foreign  # images 20-90 px, PNG/CMYK under .jpg among them
+
+    from dist_seg.data import decode
+    from dist_seg.data.index import index
+    from dist_seg.data.manifest import load_manifest
+
+    backend, why = decode.choose_backend(torch.device("cuda"))
+    if backend != "nvjpeg":
+        pytest.skip(f"no nvJPEG decode here: {why}")
+    manifest = load_manifest(packed_jpeg)
+    for workers in (0, 2):
+        largest, mean = _largest_difference(
+            _decoded(manifest, "test", num_workers=workers),
+            _decoded(manifest, "test", num_workers=workers, decode="gpu", device="cuda"),
+        )
+        print(f"nvJPEG vs PIL, packed jpeg, {workers} workers: largest difference {largest} "
+              f"levels, mean {mean:.4f}")  # fmt: skip
+        record_property(f"packed_largest_difference_w{workers}", largest)
+        record_property(f"packed_mean_difference_w{workers}", round(mean, 4))
+        assert largest <= 4 and mean < 0.5
+    folder = tmp_path_factory.mktemp("foreign-gpu") / "shards"
+    _foreign(folder)
+    index(folder, image_key="jpg", mask_key="png", split_by_prefix=True)
+    foreign = load_manifest(folder)
+    for aspect in ("stretch", "pad"):
+        kw = {"size": "32x48", "aspect": aspect}
+        largest, mean = _largest_difference(
+            _decoded(foreign, "train", **kw),
+            _decoded(foreign, "train", decode="gpu", device="cuda", **kw),
+        )
+        print(f"nvJPEG + resize on the device vs PIL, foreign shards, {aspect}: largest "
+              f"difference {largest} levels, mean {mean:.4f}")  # fmt: skip
+        record_property(f"foreign_{aspect}_largest_difference", largest)
+        assert largest <= 5 and mean < 1.0
+
+
+def test_training_with_gpu_decode_runs_on_cuda(packed_jpeg, tmp_path, cuda_state):
+    """data.decode=gpu through the Trainer: pinned batches of JPEG bytes, 2 workers."""
+    from dist_seg.train import Trainer
+
+    cfg = tiny_config(packed_jpeg, tmp_path, "nvjpeg", data={"decode": "gpu", "num_workers": 2},
+                      train={"epochs": 1})  # fmt: skip
+    trainer = Trainer(cfg)
+    assert trainer.train_loader.decoder.backend == "nvjpeg"
+    trainer.fit()
+    assert len(finite_history(tmp_path / "nvjpeg")) == 1
 
 
 def test_bench_train_reports_mfu_and_peak_memory(tmp_path, cuda_state):

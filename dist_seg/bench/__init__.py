@@ -65,6 +65,10 @@ def add_parser(subparsers, help_text: str) -> argparse.ArgumentParser:
                    "takes (default: the real train split's size)")  # fmt: skip
     d.add_argument("--epochs", type=int, default=2, help="epochs per measurement")
     d.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the best is kept")
+    d.add_argument("--decode", choices=("cpu", "gpu"), default="cpu",
+                   help="gpu: also time jpeg shards with data.decode=gpu (the workers hand over "
+                   "JPEG bytes, the main process decodes each batch: nvJPEG on CUDA, else PIL), "
+                   "beside the workers' decode")  # fmt: skip
     t.add_argument("--model", default="unet", choices=("unet", "resnet34_unet"))
     t.add_argument("--width", type=float, default=1.0)
     t.add_argument("--stem-pool", action="store_true", help="resnet34_unet: standard max-pool")
@@ -93,7 +97,7 @@ def add_parser(subparsers, help_text: str) -> argparse.ArgumentParser:
 
 
 DATA_FLAGS = ("work", "num_images", "size", "shard_size", "epoch_samples", "batch", "workers",
-              "epochs", "repeats", "json")  # fmt: skip
+              "epochs", "repeats", "decode", "json")  # fmt: skip
 TRAIN_FLAGS = ("work", "num_images", "size", "shard_size", "model", "width", "stem_pool",
                "batch", "precision", "channels_last", "compile", "switches", "warmup", "steps",
                "repeats", "workers", "threads", "trainer", "peak_tflops", "max_batch",

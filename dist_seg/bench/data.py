@@ -3,6 +3,11 @@ pick instead, over the same samples, interleaved in one run.
 
 * seed: the course template's per-file Dataset (full-size JPEG + PNG, resize per sample).
 * raw, jpeg: ``build_loader(train=True)`` over the shards packed in each encoding.
+* jpeg, gpu decode (``--decode gpu``): the jpeg shards with ``data.decode=gpu``: the workers
+  hand over JPEG bytes (and decode the masks), the main process decodes each batch, with
+  nvJPEG on a CUDA device, else with PIL (data/decode.py). On a CPU the decode moves from
+  the workers to the main process, so "per core" (workers only) flatters it there: read its
+  samples per CPU-second.
 * wds raw, wds jpeg: a plain webdataset pipeline over the very same shard files, written the
   way webdataset's README shows (``WebDataset -> shuffle -> decode -> to_tuple -> batched``
   in a DataLoader), decoding the same members into the same tensors (uint8 NCHW images,
@@ -31,6 +36,7 @@ PEER_GOAL_WORKERS = (0, 1)  # the worker counts the peer goal is judged at
 TOOLKIT = ("raw", "jpeg")  # this toolkit's loader over the shards of each encoding
 ENCODINGS = TOOLKIT
 RESTART = "raw, restart"  # raw with persistent_workers off: new workers every epoch
+GPU_DECODE = "jpeg, gpu decode"  # jpeg with data.decode=gpu (--decode gpu)
 PEERS = {"wds raw": "raw", "wds jpeg": "jpeg"}  # peer loader -> the encoding it reads
 
 
@@ -229,9 +235,13 @@ def bench_data(args, work: Path) -> dict:
     copies = max(1, math.ceil(args.epoch_samples / len(names)))
     long = {e: repeat_train(m, copies) for e, m in manifests.items()}
 
-    def stream(encoding: str, w: int, persistent: bool = True):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    decode = getattr(args, "decode", "cpu")
+
+    def stream(encoding: str, w: int, persistent: bool = True, decode: str = "cpu"):
         loader = build_loader(long[encoding], "train", batch_size=args.batch, train=True,
-                              num_workers=w, size=args.size, persistent_workers=persistent)  # fmt: skip
+                              num_workers=w, size=args.size, persistent_workers=persistent,
+                              decode=decode, device=device)  # fmt: skip
 
         def epoch(e):
             loader.set_epoch(e)
@@ -262,6 +272,8 @@ def bench_data(args, work: Path) -> dict:
         for _ in range(args.repeats):
             for w in workers:
                 kinds = {"seed": seed(w)} | {e: stream(e, w) for e in ENCODINGS}
+                if decode == "gpu":
+                    kinds[GPU_DECODE] = stream("jpeg", w, decode="gpu")
                 if w:  # the persistent-workers switch, off: workers start again every epoch
                     kinds[RESTART] = stream("raw", w, persistent=False)
                 kinds |= {p: peer(e, w) for p, e in PEERS.items()}
@@ -274,6 +286,9 @@ def bench_data(args, work: Path) -> dict:
         profile = {e: profile_stages(manifests[e], args.size, args.batch,
                                      min_samples=min(1000, args.epoch_samples))
                    for e in ENCODINGS}  # fmt: skip
+        if decode == "gpu":
+            split_profile = profile_gpu_decode(manifests["jpeg"], args.size, args.batch, device,
+                                               min_samples=min(1000, args.epoch_samples))  # fmt: skip
     finally:
         torch.set_num_threads(threads)
 
@@ -281,7 +296,7 @@ def bench_data(args, work: Path) -> dict:
     for w in workers:
         cores = max(1, w)
         loaders = {}
-        for kind in ("seed", *ENCODINGS, RESTART, *PEERS):
+        for kind in ("seed", *ENCODINGS, GPU_DECODE, RESTART, *PEERS):
             if (w, kind) in best:
                 got = best[w, kind]
                 loaders[kind] = got | {"per_core": got["samples_per_s"] / cores}
@@ -290,6 +305,10 @@ def bench_data(args, work: Path) -> dict:
             if kind != "seed":
                 r["ratio"] = r["per_core"] / seed_row["per_core"]
                 r["ratio_cpu"] = r["samples_per_cpu_s"] / seed_row["samples_per_cpu_s"]
+        if GPU_DECODE in loaders:  # the same shards decoded in the main process vs the workers
+            g, j = loaders[GPU_DECODE], loaders["jpeg"]
+            g["vs_jpeg"] = g["samples_per_s"] / j["samples_per_s"]
+            g["vs_jpeg_cpu"] = g["samples_per_cpu_s"] / j["samples_per_cpu_s"]
         for p, e in PEERS.items():
             loaders[p]["toolkit_ratio"] = loaders[e]["per_core"] / loaders[p]["per_core"]
             loaders[p]["toolkit_ratio_cpu"] = (
@@ -318,6 +337,7 @@ def bench_data(args, work: Path) -> dict:
             "workers": workers,
             "epochs": args.epochs,
             "repeats": args.repeats,
+            "decode": decode,
             "members": {
                 e: list(member_names(m.shards("train")[0].url)) for e, m in manifests.items()
             },  # fmt: skip
@@ -337,6 +357,11 @@ def bench_data(args, work: Path) -> dict:
             for p in PEERS
         },
         "skipped_peers": dict(SKIPPED_PEERS),
+        **(
+            {"gpu_decode": gpu_decode_backend(device) | {"us_per_sample": split_profile}}
+            if decode == "gpu"
+            else {}
+        ),
         "profile_us_per_sample": profile,
     }
 
@@ -349,6 +374,14 @@ SKIPPED_PEERS = {
     "`import streaming` still imports torchvision (streaming/vision/base.py), which from PyPI "
     "does not load against the CPU torch build",
 }
+
+
+def gpu_decode_backend(device) -> dict:
+    """Which decoder the "jpeg, gpu decode" row ran with, and why (data/decode.py)."""
+    from dist_seg.data.decode import choose_backend
+
+    backend, why = choose_backend(device)
+    return {"device": str(device), "backend": backend, "note": why}
 
 
 def repeat_train(manifest, copies: int):
@@ -417,6 +450,49 @@ def profile_stages(
             fn()
             best[name] = min(best[name], time.perf_counter() - t0)
     return {name: 1e6 * seconds / n for name, seconds in best.items()}
+
+
+def profile_gpu_decode(
+    manifest, size: int, batch: int, device, repeats: int = 3, min_samples: int = 1000
+) -> dict:
+    """Microseconds per sample of data.decode=gpu's two halves over the jpeg train shards,
+    one process, best of ``repeats``: what a worker does (tar read, mask decode, collate of
+    the JPEG bytes: decode.EncodedReader) and what the training process does (the batch
+    decode: decode.BatchDecoder, on ``device``; CUDA synchronised before the clock stops)."""
+    from dist_seg.data.decode import BatchDecoder, EncodedReader, choose_backend
+    from dist_seg.data.stream import Segment, read_segments
+
+    shards = manifest.shards("train")
+    shards = shards * math.ceil(min_samples / sum(s.num_samples for s in shards))
+    n = sum(s.num_samples for s in shards)
+    reader = EncodedReader(manifest.reader(size=size))
+    decoder = BatchDecoder(reader.size, reader.reader.aspect, device, choose_backend(device)[0])
+
+    def worker_side() -> list:
+        samples = read_segments((Segment(s, 0, s.num_samples) for s in shards), reader=reader)
+        it, out = map(reader, samples), []
+        while chunk := list(islice(it, batch)):
+            out.append(reader.collate(chunk, None, batch))
+        return out
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    batches = worker_side()
+    decoder(batches[0])  # first call: nvJPEG's set-up
+    best = {"worker: tar read + mask + collate bytes": math.inf, "main: batch decode": math.inf}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        batches = worker_side()
+        t1 = time.perf_counter()
+        for b in batches:
+            decoder(b)
+        sync()
+        t2 = time.perf_counter()
+        for key, seconds in zip(best, (t1 - t0, t2 - t1)):
+            best[key] = min(best[key], seconds)
+    return {key: 1e6 * seconds / n for key, seconds in best.items()}
 
 
 def _drain(iterable) -> None:

@@ -68,7 +68,7 @@ def _console():
 def print_data(result: dict) -> None:
     from rich.table import Table
 
-    from dist_seg.bench.data import TOOLKIT
+    from dist_seg.bench.data import GPU_DECODE, TOOLKIT
 
     console = _console()
     cfg = result["config"]
@@ -88,6 +88,18 @@ def print_data(result: dict) -> None:
                           f"{peer:.2f}" if peer else "", f"{r['first_batch_s']:.2f}")  # fmt: skip
         table.add_section()
     console.print(table)
+    if "gpu_decode" in result:
+        g = result["gpu_decode"]
+        console.print(f"jpeg, gpu decode: data.decode=gpu, batches decoded in the main process "
+                      f"with {'nvJPEG' if g['backend'] == 'nvjpeg' else 'PIL'} on {g['device']}"
+                      f"{' (' + g['note'] + ')' if g['note'] else ''}; against the jpeg row "
+                      "(decoded in the workers): "
+                      + "; ".join(f"{row['workers']} workers {x['vs_jpeg']:.2f}x samples/s, "
+                                  f"{x['vs_jpeg_cpu']:.2f}x per CPU-s"
+                                  for row in result["results"]
+                                  if (x := row["loaders"].get(GPU_DECODE))))  # fmt: skip
+        console.print("data.decode=gpu, one process, us/sample: "
+                      + ", ".join(f"{k} {v:.1f}" for k, v in g["us_per_sample"].items()))  # fmt: skip
     b = result["bytes_per_sample"]
     console.print(f"on disk per sample: raw {b['raw'] / 1e3:.0f} KB, jpeg {b['jpeg'] / 1e3:.1f} KB "
                   f"(shards incl. tar headers and json); seed's files {b['seed_files'] / 1e3:.1f} KB")  # fmt: skip

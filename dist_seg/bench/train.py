@@ -292,11 +292,11 @@ def bench_train(args, work: Path) -> dict:
         """A bare step: the trainer's model set-up and loss on preloaded tensors."""
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         model = build().to(memory_format=memory_format)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)  # as the trainer
         step_model = torch.compile(model) if compile_ else model
         x = images.contiguous(memory_format=memory_format)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        coins = torch.Generator().manual_seed(0)
+        coins = torch.Generator(device=device).manual_seed(0)
 
         def step():
             xb, yb = random_flips(x, masks, coins) if flips else (x, masks)

@@ -7,6 +7,8 @@ One sample, key = the image file's stem (for Pets, the name), members::
     <key>.full.png    the mask at the image's original size, lossless (for evaluate
                       --original-size); omitted when the pack keeps original sizes
     <key>.json        {"name", "source", "height", "width", "orig_height", "orig_width", ...}
+                      (--aspect pad also "letterbox": [top, left, height, width], the box
+                      the image occupies; its outside is 0 in the image, IGNORE in the mask)
 
 Mask values: 0 background, 1 foreground, 255 (IGNORE) not scored. For Pets, 255 marks the
 trimap's border, so the trimap stays lossless (1 pet -> 1, 2 background -> 0, 3 border ->
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from dist_seg.data.sizes import fit_pair
 from dist_seg.errors import DataError
 
 IGNORE = 255
@@ -221,14 +224,16 @@ class Reader:
     ``trimap``: the mask member is a Pets trimap (format_version 1 packs).
     ``full``: also return the mask at the image's original size (evaluate --original-size):
     the ``full.png`` member, or the stored mask itself where the pack kept original sizes
-    (or the shards are someone else's)."""
+    (or the shards are someone else's).
+    ``aspect``: how a sample of another size is fitted to ``size`` (sizes.ASPECTS)."""
 
     members: Members
-    size: tuple[int, int] | None = None  # None: as stored
+    size: tuple[int, int] | None = None  # (height, width); None: as stored
     border: str | None = None
     policy: object | None = None
     trimap: bool = False
     full: bool = False
+    aspect: str = "stretch"
 
     def __call__(self, sample: dict) -> tuple:
         key, image, mask, _ = decode(sample, self.members, with_meta=False)
@@ -249,7 +254,7 @@ class Reader:
         if self.full:
             full = self._full_mask(sample, key, mask)
         if self.size is not None and image.shape[:2] != self.size:
-            image, mask = resize_pair(image, mask, self.size)
+            image, mask = fit_pair(image, mask, self.size, self.aspect)
         if self.border is not None:
             mask = apply_border(mask, self.border)
         if self.full:

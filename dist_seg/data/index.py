@@ -4,8 +4,9 @@ trains and evaluates on them without repacking.
 The shards stay as they are (flat ``*.tar`` files in one directory); the manifest written
 beside them records every shard's sample count and sha256, the member mapping (which
 member is the image, which the mask, e.g. ``jpg`` and ``png``) and the mask policy, which
-is applied as samples are read. Images of any size are resized at load time to
-``data.size`` as the packer would (bilinear image, nearest mask).
+is applied as samples are read. Images of any size are fitted at load time to
+``data.size`` as the packer would (bilinear image, nearest mask), under the ``aspect``
+policy recorded here (stretch, or pad: letterbox; data.sizes).
 
 Every sample is checked here: one whose members do not match the mapping is one DataError
 naming the shard, the key and the members found.
@@ -23,6 +24,7 @@ from pathlib import Path
 from dist_seg import __version__
 from dist_seg.data.manifest import FORMAT_VERSION, MANIFEST, sha256_file
 from dist_seg.data.masks import MaskPolicy
+from dist_seg.data.sizes import check_aspect
 from dist_seg.data.tarread import _split
 from dist_seg.errors import DataError, UserError
 
@@ -80,6 +82,7 @@ def index(
     policy: MaskPolicy | None = None,
     split_by_prefix: bool = False,
     split: str = "train",
+    aspect: str = "stretch",
 ) -> dict:
     """Write ``<shards>/manifest.json`` for the shards in ``shards``; returns it."""
     shards = Path(shards)
@@ -88,6 +91,7 @@ def index(
     if image_key == mask_key:
         raise UserError(f"--image-key and --mask-key are both {image_key!r}")
     policy = policy or MaskPolicy()
+    check_aspect(aspect)
     existing = shards / MANIFEST
     if existing.exists():
         try:
@@ -118,7 +122,10 @@ def index(
         "source": {"kind": "webdataset", "directory": str(shards.resolve()), "skipped": []},
         "mask_policy": policy.to_dict(),
         "members": {"image": image_key, "mask": mask_key, "meta": meta_key, "full_mask": None},
-        "image_size": 0,  # as stored: resized to data.size when read
+        "image_size": 0,  # as stored: fitted to data.size when read, under "aspect"
+        "height": 0,
+        "width": 0,
+        "aspect": aspect,
         "encoding": "foreign",
         "splits": splits,
     }

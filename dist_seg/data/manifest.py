@@ -12,7 +12,11 @@ shard is whole::
       "mask_policy": {"kind": "trimap", "values": [], "threshold": 0, "ignore": null},
       "members": {"image": "image.npy", "mask": "mask.npy", "meta": "json",
                   "full_mask": "full.png"},   # null with --size 0; `index`: the user's keys
-      "image_size": 256,                  # side of every sample; 0 = original sizes kept
+      "image_size": 256,                  # side of every sample, or "HxW" (height first)
+                                          # when not square; 0 = original sizes kept
+      "height": 256, "width": 256,        # the same as numbers (0, 0: original sizes)
+      "aspect": "stretch",                # how images were (or, size 0, will be) fitted to
+                                          # a size: stretch | pad (letterbox, data.sizes)
       "encoding": "raw",                  # "raw" (.npy arrays) or "jpeg" (image.jpg + mask.png)
       "jpeg_quality": 95,                 # only meaningful for "jpeg"
       "splits": {
@@ -42,7 +46,8 @@ from pathlib import Path
 from dist_seg import __version__
 from dist_seg.data.codec import PACKED, V1, Members, Reader
 from dist_seg.data.masks import MaskPolicy
-from dist_seg.errors import DataError
+from dist_seg.data.sizes import check_aspect, check_refit, format_size, parse_size
+from dist_seg.errors import DataError, UserError
 
 FORMAT_VERSION = 2
 SOURCE_KINDS = ("pets", "generic", "webdataset")
@@ -59,7 +64,7 @@ class Shard:
 @dataclass(frozen=True)
 class Manifest:
     location: str
-    image_size: int
+    size: tuple[int, int]  # (height, width) of every sample; (0, 0): as stored
     encoding: str
     splits: dict[str, list[Shard]]
     raw: dict
@@ -67,20 +72,41 @@ class Manifest:
     members: Members = PACKED["raw"]
     mask_policy: MaskPolicy = MaskPolicy("trimap")
     version: int = FORMAT_VERSION
+    aspect: str = "stretch"  # data.sizes.ASPECTS: how samples are fitted to a size
 
-    def reader(self, border: str = "foreground", size: int = 0, full: bool = False) -> Reader:
-        """The sample decoder for this pack: resized to ``size`` (0: as packed), with the
-        Pets ``border`` policy where the masks' 255 is the trimap border; ``full``: also
-        the mask at the original size (Reader)."""
-        side = size or self.image_size
+    @property
+    def image_size(self) -> int | str:
+        """The size as the manifest writes it: the side (0: as stored) or "HxW"."""
+        return format_size(self.size)
+
+    def reader(
+        self, border: str = "foreground", size=0, full: bool = False, aspect: str | None = None
+    ) -> Reader:
+        """The sample decoder for this pack: fitted to ``size`` (a side, "HxW" or (h, w);
+        0: as packed) under this pack's aspect policy (or ``aspect``, where the pack kept
+        original sizes), with the Pets ``border`` policy where the masks' 255 is the trimap
+        border; ``full``: also the mask at the original size (Reader)."""
+        hw = parse_size(size, "data.size")
+        if hw == (0, 0):
+            hw = self.size
+        check_refit(self, hw)
         return Reader(
             self.members,
-            size=(side, side) if side else None,
+            size=hw if hw != (0, 0) else None,
             border=border if self.kind == "pets" else None,
             policy=self.mask_policy if self.kind == "webdataset" else None,
             trimap=self.version == 1,
             full=full,
+            aspect=self.fit_aspect(aspect),
         )
+
+    def fit_aspect(self, aspect: str | None = None) -> str:
+        """The policy samples are fitted with when read: a pack fitted already keeps its
+        own (sizes.resolve refuses another); shards fitted only when read (``--size 0``,
+        ``index``) take ``aspect`` where one is given (not None nor "auto")."""
+        if aspect in (None, "auto") or self.size != (0, 0):
+            return self.aspect
+        return check_aspect(aspect, "data.aspect")
 
     def num_samples(self, split: str) -> int:
         return sum(s.num_samples for s in self.shards(split))
@@ -151,8 +177,14 @@ def load_manifest(location: str | Path) -> Manifest:
                 "members": Members(m["image"], m["mask"], m.get("meta"), m.get("full_mask")),
                 "mask_policy": MaskPolicy.from_dict(raw["mask_policy"]),
             }
-        return Manifest(location, int(raw["image_size"]), raw["encoding"], splits, raw, **extra)
-    except (KeyError, TypeError, ValueError) as e:
+        if "height" in raw:  # written since non-square sizes: image_size may be "HxW"
+            size = (int(raw["height"]), int(raw["width"]))
+            extra["aspect"] = check_aspect(raw.get("aspect", "stretch"), "aspect")
+        else:
+            side = int(raw["image_size"])
+            size = (side, side)
+        return Manifest(location, size, raw["encoding"], splits, raw, **extra)
+    except (KeyError, TypeError, ValueError, UserError) as e:
         raise DataError(f"{where} is malformed ({e!r} missing or wrong); repack it") from None
 
 

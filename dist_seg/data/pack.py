@@ -38,6 +38,7 @@ from dist_seg.data import codec, pets
 from dist_seg.data.codec import ENCODINGS, JPEG_QUALITY
 from dist_seg.data.manifest import FORMAT_VERSION, MANIFEST, sha256_file
 from dist_seg.data.masks import MaskPolicy, trimap_to_mask
+from dist_seg.data.sizes import check_aspect, fit_pair, format_size, letterbox, parse_size
 from dist_seg.errors import DataError, UserError, make_dir
 
 PACK_SEED = 1234  # fixed: the train split is shuffled across shards the same way every time
@@ -63,23 +64,31 @@ class ShardTask:
     split: str
     index: int
     records: list
-    size: int
+    size: tuple[int, int]  # (height, width); (0, 0): original sizes kept
     encoding: str
     skip_bad: bool
     out_dir: Path
+    aspect: str = "stretch"
 
 
-def encode_sample(key: str, image, mask, meta: dict, encoding: str, size: int) -> dict:
-    """One sample (mask 0/1/255 at the original size) resized to ``size`` (0: kept) as
-    WebDataset members (codec.encode), with the original-size mask beside it."""
+def encode_sample(
+    key: str, image, mask, meta: dict, encoding: str, size, aspect: str = "stretch"
+) -> dict:
+    """One sample (mask 0/1/255 at the original size) fitted to ``size`` ((height, width)
+    or a side; 0: kept) under the ``aspect`` policy (data.sizes) as WebDataset members
+    (codec.encode), with the original-size mask beside it. With ``pad`` the json also
+    records the letterbox: the box [top, left, height, width] the image occupies."""
     orig = image.shape[:2]
-    if size:
-        image, small = codec.resize_pair(image, mask, (size, size))
+    hw = parse_size(size, "--size", zero="keep original sizes")
+    if hw != (0, 0):
+        image, small = fit_pair(image, mask, hw, aspect)
+        if aspect == "pad":
+            meta = {**meta, "letterbox": list(letterbox(orig[0], orig[1], hw))}
     else:
         small = mask
     meta = {**meta, "height": int(image.shape[0]), "width": int(image.shape[1]),
             "orig_height": int(orig[0]), "orig_width": int(orig[1])}  # fmt: skip
-    return codec.encode(key, image, small, meta, encoding, mask if size else None)
+    return codec.encode(key, image, small, meta, encoding, mask if hw != (0, 0) else None)
 
 
 def decode_sample(sample: dict) -> tuple[str, np.ndarray, np.ndarray]:
@@ -108,7 +117,7 @@ def _write_shard(task: ShardTask) -> dict:
                     raise
                 skipped.append(f"{record.name}: {e}")
                 continue
-            sink.write(encode_sample(key, image, mask, meta, task.encoding, task.size))
+            sink.write(encode_sample(key, image, mask, meta, task.encoding, task.size, task.aspect))
             count += 1
     return {
         "name": name,
@@ -119,39 +128,43 @@ def _write_shard(task: ShardTask) -> dict:
     }
 
 
-def _check_options(size: int, shard_size: int, encoding: str) -> None:
-    if size < 0 or (size and size % 16):
-        raise UserError(f"--size {size}: must be 0 (keep originals) or a multiple of 16")
+def _check_options(size, shard_size: int, encoding: str, aspect: str) -> tuple[int, int]:
+    """The checked (height, width) of ``size`` (a side, "HxW" or (h, w); 0: originals kept)."""
+    hw = parse_size(size, "--size", zero="keep original sizes")
+    check_aspect(aspect)
     if shard_size < 1:
         raise UserError(f"--shard-size {shard_size}: must be at least 1")
     if encoding not in ENCODINGS:
         raise UserError(f"--encoding {encoding!r}: choose one of {', '.join(ENCODINGS)}")
+    return hw
 
 
 def pack(
     root: Path,
     out: Path,
-    size: int = 256,
+    size: int | str | tuple[int, int] = 256,
     shard_size: int = 256,
     workers: int = 1,
     encoding: str = "raw",
     skip_bad: bool = False,
     progress=None,
+    aspect: str = "stretch",
 ) -> dict:
     """Pack every split of the Oxford-IIIT Pet ``root`` into ``out`` atomically; returns the
-    manifest dict.
+    manifest dict. ``size``: a side, "HxW" (height first) or (h, w), 0 keeps original
+    sizes; ``aspect``: stretch (the seed's) or pad (letterbox), data.sizes.
 
     Shards are written to ``<out>.partial/`` and the manifest last; only then is the
     directory renamed to ``out``. An interrupted pack leaves ``out`` as it was.
     """
-    _check_options(size, shard_size, encoding)
+    size = _check_options(size, shard_size, encoding, aspect)
     root, out = Path(root).resolve(), Path(out)
     pets.check_root(root)
     splits = {split: pets.read_split(root, split) for split in pets.SPLITS}
     source = {"kind": "pets", "dataset": "oxford-iiit-pet", "root": str(root)}
     return _pack(PetsSource(root), splits, out, source, MaskPolicy("trimap"), size=size,
                  shard_size=shard_size, workers=workers, encoding=encoding, skip_bad=skip_bad,
-                 progress=progress)  # fmt: skip
+                 progress=progress, aspect=aspect)  # fmt: skip
 
 
 def pack_generic(
@@ -163,17 +176,18 @@ def pack_generic(
     policy: MaskPolicy | None = None,
     split_lists: dict[str, Path] | None = None,
     fractions: tuple[float, float, float] | None = None,
-    size: int = 256,
+    size: int | str | tuple[int, int] = 256,
     shard_size: int = 256,
     workers: int = 1,
     encoding: str = "raw",
     skip_bad: bool = False,
     progress=None,
+    aspect: str = "stretch",
 ) -> dict:
     """Pack a folder of images and a folder of masks (data.generic) into ``out``, as pack."""
     from dist_seg.data import generic
 
-    _check_options(size, shard_size, encoding)
+    size = _check_options(size, shard_size, encoding, aspect)
     policy = policy or MaskPolicy()
     if policy.kind == "trimap":
         raise UserError("mask policy 'trimap' is for Oxford-IIIT Pet roots (--root)")
@@ -186,11 +200,12 @@ def pack_generic(
               "split": how, "skipped": skipped}  # fmt: skip
     return _pack(generic.GenericSource(policy), splits, out, source, policy, size=size,
                  shard_size=shard_size, workers=workers, encoding=encoding, skip_bad=skip_bad,
-                 progress=progress)  # fmt: skip
+                 progress=progress, aspect=aspect)  # fmt: skip
 
 
-def _pack(source, splits: dict, out: Path, info: dict, policy: MaskPolicy, *, size: int,
-          shard_size: int, workers: int, encoding: str, skip_bad: bool, progress) -> dict:  # fmt: skip
+def _pack(source, splits: dict, out: Path, info: dict, policy: MaskPolicy, *,
+          size: tuple[int, int], shard_size: int, workers: int, encoding: str, skip_bad: bool,
+          progress, aspect: str = "stretch") -> dict:  # fmt: skip
     splits = {k: list(v) for k, v in splits.items()}
     if "train" in splits:  # mix classes or name order across train shards, the same every time
         random.Random(PACK_SEED).shuffle(splits["train"])
@@ -198,10 +213,13 @@ def _pack(source, splits: dict, out: Path, info: dict, policy: MaskPolicy, *, si
     shutil.rmtree(partial, ignore_errors=True)
     make_dir(partial, f"--out {out}")
     tasks = [
-        ShardTask(source, split, i, recs[j : j + shard_size], size, encoding, skip_bad, partial)
+        ShardTask(
+            source, split, i, recs[j : j + shard_size], size, encoding, skip_bad, partial, aspect
+        )  # fmt: skip
         for split, recs in splits.items()
         for i, j in enumerate(range(0, len(recs), shard_size))
     ]
+    kept = size == (0, 0)
     t0 = time.perf_counter()
     try:
         if workers > 1:
@@ -223,8 +241,11 @@ def _pack(source, splits: dict, out: Path, info: dict, policy: MaskPolicy, *, si
         },
         "mask_policy": policy.to_dict(),
         # --size 0: no full-size mask member (the packed mask is the original)
-        "members": asdict(codec.PACKED[encoding]) | ({} if size else {"full_mask": None}),
-        "image_size": size,
+        "members": asdict(codec.PACKED[encoding]) | ({"full_mask": None} if kept else {}),
+        "image_size": format_size(size),  # the side, or "HxW" when not square
+        "height": size[0],
+        "width": size[1],
+        "aspect": aspect,  # with --size 0: how the loader will fit them to data.size
         "encoding": encoding,
         "jpeg_quality": JPEG_QUALITY,
         "pack_seconds": round(time.perf_counter() - t0, 2),

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dist_seg.data import pets, tarread
 from dist_seg.data.codec import PACKED, Reader, apply_border, is_packed_sample
+from dist_seg.data.decode import DECODES, batch_decoding
 from dist_seg.data.manifest import Manifest, Shard, is_url
 from dist_seg.data.masks import trimap_to_mask
 from dist_seg.data.plan import Plan, fingerprint, make_state, resume, shards_digest, train_steps
@@ -405,6 +406,9 @@ class ShardStream(IterableDataset):
 
         def collation(chunk):
             samples = [s for _, s in chunk]
+            if hasattr(self.reader, "collate"):  # encoded images (data.decode gpu, decode.py)
+                batch = self.reader.collate(samples, self._ring if shared else None, self.batch_size)  # fmt: skip
+                return {**batch, "key": [k for k, _ in chunk]}
             out = None
             if shared:
                 image, mask = samples[0][1:3]  # [3]: an original-size mask, if asked for
@@ -483,10 +487,12 @@ class EpochLoader:
     """A DataLoader over a ShardStream that knows its epoch, its length and what it yielded."""
 
     def __init__(
-        self, stream: ShardStream, num_workers: int, pin_memory: bool, persistent: bool = True
-    ):
+        self, stream: ShardStream, num_workers: int, pin_memory: bool, persistent: bool = True,
+        decoder=None,
+    ):  # fmt: skip
+        """``decoder``: applied to every batch in this process (data.decode gpu, decode.py)."""
         stream.num_workers = max(1, num_workers)
-        self.stream = stream
+        self.stream, self.decoder = stream, decoder
         context = None
         if num_workers and torch.distributed.is_available() and torch.distributed.is_initialized():
             # fork() once gloo/NCCL threads run can copy a held lock into the worker, which
@@ -594,9 +600,12 @@ class EpochLoader:
                 _WORKERS.difference_update([w for w in _WORKERS if not w.is_alive()])
                 _WORKERS.update(getattr(iterator, "_workers", ()))
             for batch in iterator:
-                if self.shared and not batch["image"].is_pinned():  # pinning copied it
+                if self.shared and not batch["mask"].is_pinned():  # pinning copied it
                     self._held.append(batch)
-                    batch = {**batch, "image": batch["image"].clone(), "mask": batch["mask"].clone()}  # fmt: skip
+                    batch = {**batch, "mask": batch["mask"].clone(),  # the decoder copies images out
+                             **({"image": batch["image"].clone()} if "image" in batch else {})}  # fmt: skip
+                if self.decoder is not None:
+                    batch = self.decoder(batch)
                 self.yielded += len(batch["name"])
                 yield batch
         finally:
@@ -615,23 +624,37 @@ def build_loader(
     num_workers: int = 0,
     seed: int = 0,
     border: str = "foreground",
-    size: int = 0,
+    size: int | str | tuple[int, int] = 0,
     shuffle_buffer: int = 256,
     pin_memory: bool = False,
     persistent_workers: bool = True,
     full_masks: bool = False,
+    aspect: str = "auto",
+    decode: str = "cpu",
+    device=None,
+    say=print,
 ) -> EpochLoader:
     """The one place a split becomes batches for this rank. See the module docstring.
     Check the shards first (manifest.check_shards): this reads them as the manifest says.
-    ``full_masks``: batches also hold "full_mask", each mask at its image's original size."""
+    ``size``: a side, "HxW" or (h, w), 0 = the pack's; ``aspect``: how samples of another
+    size are fitted (data.sizes; "auto": the manifest's policy).
+    ``full_masks``: batches also hold "full_mask", each mask at its image's original size.
+    ``decode``: "gpu" decodes JPEG images per batch in this process, on ``device`` where
+    it can (decode.py; ``say`` gets its one line)."""
+    if decode not in DECODES:
+        raise UserError(f"data.decode {decode!r}: choose one of {', '.join(DECODES)}")
     if batch_size < 1:
         raise UserError(f"batch size {batch_size}: must be at least 1")
     shards = manifest.shards(split)
-    if size == 0 and manifest.image_size == 0:
+    reader = manifest.reader(border, size, full=full_masks, aspect=aspect)
+    if reader.size is None:
         raise UserError(
             f"{manifest.location} keeps original image sizes (packed with --size 0); "
-            "set data.size to a multiple of 16 to batch them"
+            "set data.size to a side or HxW (multiples of 16) to batch them"
         )
+    decoder = None
+    if decode == "gpu":
+        reader, decoder = batch_decoding(reader, manifest.location, device, say)
     stream = ShardStream(
         shards,
         train=train,
@@ -640,9 +663,9 @@ def build_loader(
         world_size=world_size,
         seed=seed,
         border=border,
-        size=size or manifest.image_size,
+        size=reader.size[0] if reader.size[0] == reader.size[1] else 0,  # the reader fits them
         shuffle_buffer=shuffle_buffer,
-        reader=manifest.reader(border, size, full=full_masks),
+        reader=reader,
     )
     total = stream.num_total
     if train and train_steps(total, world_size, batch_size) == 0:
@@ -650,4 +673,4 @@ def build_loader(
             f"split {split!r} has {total} samples, fewer than processes x batch size "
             f"({world_size} x {batch_size}); lower the batch size or the process count"
         )
-    return EpochLoader(stream, num_workers, pin_memory, persistent_workers)
+    return EpochLoader(stream, num_workers, pin_memory, persistent_workers, decoder)

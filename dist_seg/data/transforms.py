@@ -27,12 +27,11 @@ def random_flips(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Horizontal and vertical flips, each with p=0.5 per sample, the same for image and mask.
 
-    The coin flips come from a CPU generator the caller seeds from (seed, epoch, step,
-    rank), so a resumed run flips exactly as an uninterrupted one would.
+    The coin flips come from a generator on the images' device that the caller seeds from
+    (seed, epoch, step, rank), so a resumed run flips exactly as an uninterrupted one would,
+    and no coin is copied from the host (a blocking copy every step).
     """
-    coins = torch.rand(2, images.shape[0], generator=generator) < 0.5
-    h = coins[0].to(images.device)
-    v = coins[1].to(images.device)
+    h, v = torch.rand(2, images.shape[0], generator=generator, device=images.device) < 0.5
     images = torch.where(h[:, None, None, None], images.flip(3), images)
     masks = torch.where(h[:, None, None], masks.flip(2), masks)
     images = torch.where(v[:, None, None, None], images.flip(2), images)

@@ -11,6 +11,7 @@ weights expects inputs normalized as ImageNet's: ``normalize_imagenet``.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -30,9 +31,17 @@ def normalize_imagenet(images: Tensor) -> Tensor:
     """``(images - mean) / std`` per channel for float images in [0, 1] of shape [B, 3, H, W]."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images of shape [B, 3, H, W], got {tuple(images.shape)}")
-    mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype, device=images.device)
-    std = torch.tensor(IMAGENET_STD, dtype=images.dtype, device=images.device)
-    return (images - mean[:, None, None]) / std[:, None, None]
+    mean, std = _imagenet_stats(images.dtype, images.device)
+    return (images - mean) / std
+
+
+@functools.cache
+def _imagenet_stats(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Mean and std [3, 1, 1], made once per dtype and device: a tensor built from Python
+    numbers is a blocking host-to-device copy, which every training step would pay."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=dtype, device=device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, dtype=dtype, device=device)[:, None, None]
+    return mean, std
 
 
 def uses_imagenet_norm(cfg) -> bool:

@@ -1,5 +1,6 @@
-"""`accelerate launch` for the SLURM scripts: the same launcher and arguments, with a
-preemption reported in one line and its exit code 75 passed on.
+"""`accelerate launch` for the SLURM scripts (and any job runner that acts on exit codes): the
+same launcher and arguments, with a preemption reported in one line and its exit code 75
+passed on, however the signal came.
 
     python launch/slurm/accelerate_launch.py --config_file X.yaml ... -m dist_seg train ...
 
@@ -17,9 +18,15 @@ What plain `accelerate launch` (1.15, torchrun's elastic agent) does under a rea
   ChildFailedError (and SIGTERMs the workers still finishing: exit -15) and accelerate exits
   1 with a ~40-line traceback. Here: one line, and the first failed worker's exit code
   (75; 2 for a dist-seg usage error), which the scripts act on.
-- SIGTERM to every process of the job (an admin's `scontrol requeue`, preemption, the time
-  limit) reaches the agent too: it stops the workers and raises SignalException, a ~30-line
-  traceback. Here: one line, exit 128 + 15.
+- SIGTERM to the launcher (`kill`, a container runtime's stop, torchrun's and srun's
+  process-group signal, Slurm's SIGTERM to every process of a job: an admin's `scontrol
+  requeue`, preemption, the time limit) made the agent stop the workers itself and raise
+  SignalException: a ~30-line traceback and exit 1, whatever the workers returned (they had
+  saved and exited 75). Here the agent is told not to handle SIGTERM (torchrun's own
+  --signals-to-handle, as PET_SIGNALS_TO_HANDLE): the first SIGTERM is relayed to the
+  workers like USR1, they save and exit 75, and 75 comes back. A second SIGTERM stops them
+  the agent's way (SIGTERM, then SIGKILL after TORCH_ELASTIC_SHUTDOWN_TIMEOUT): one line,
+  exit 128 + 15.
 Anything else raises exactly as `accelerate launch` does.
 """
 
@@ -49,11 +56,30 @@ def relay(signum, frame) -> None:
             os.kill(pid, signal.SIGUSR1)  # dist_seg's handler: checkpoint at the next step
 
 
+def on_term(signum, frame) -> None:
+    """SIGTERM: relayed once (the workers save and exit 75); with no workers yet, or the
+    second time, the launcher stops: the agent then stops its workers as torchrun does."""
+    on_term.count = getattr(on_term, "count", 0) + 1
+    if not workers():
+        print("dist-seg: the launcher got SIGTERM before its workers ran", file=sys.stderr)
+        raise SystemExit(128 + signum)
+    if on_term.count > 1:
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+
+        raise SignalException("SIGTERM", sigval=signal.Signals(signum))
+    relay(signum, frame)
+
+
 def main() -> int:
     # A caught signal is reset by exec: a worker that has not installed its own handler yet
     # dies of the relayed USR1 (the script then requeues from the last checkpoint).
     signal.signal(signal.SIGWINCH, relay)
     signal.signal(signal.SIGUSR1, relay)
+    signal.signal(signal.SIGTERM, on_term)
+    # torchrun's agent installs its handlers when it starts the workers; this keeps it off
+    # SIGTERM: torchrun's --signals-to-handle (default SIGTERM,SIGINT,SIGHUP,SIGQUIT), which
+    # accelerate does not pass on but torchrun also reads from PET_SIGNALS_TO_HANDLE.
+    os.environ["PET_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
     from accelerate.commands.accelerate_cli import main as accelerate
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
