@@ -32,7 +32,9 @@ class EMA(torch.nn.Module):
     @torch.no_grad()
     def update_parameters(self, model: torch.nn.Module, skip: torch.Tensor | None = None) -> None:
         """One update from ``model``; none where ``skip`` (a device flag) is 1, decided on the
-        device (the optimizer step it follows was skipped there too)."""
+        device (the optimizer step it follows was skipped there too). The host cannot see
+        that flag, so a skipped step still counts in the warmup's n (one step of warmup
+        early per non-finite batch)."""
         mine = [*self.module.parameters(), *self.module.buffers()]
         theirs = [t.detach() for t in (*model.parameters(), *model.buffers())]
         floats = [(m, t) for m, t in zip(mine, theirs, strict=True) if m.is_floating_point()]
@@ -43,9 +45,11 @@ class EMA(torch.nn.Module):
         else:
             if skip is None:
                 torch._foreach_lerp_(ema, src, self.weight())
-            else:  # a device weight per tensor (a 0-dim tensor as a Number would be read)
+            else:  # a device weight: ema += w * (src - ema), in three foreach kernels
                 weight = (1 - skip.float().reshape(())) * self.weight()
-                torch._foreach_lerp_(ema, src, [weight] * len(ema))
+                step = torch._foreach_sub(src, ema)
+                torch._foreach_mul_(step, weight)
+                torch._foreach_add_(ema, step)
         if others:  # BatchNorm's num_batches_tracked
             torch._foreach_copy_([m for m, _ in others], [t for _, t in others])
         self.n += 1

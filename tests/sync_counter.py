@@ -16,6 +16,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 SYNCING_METHODS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy}
 FROM_PYTHON = {torch.tensor, torch.as_tensor}  # host data: a blocking copy to a device
+# Ops whose output size depends on the data: the host waits to learn it (boolean-mask
+# indexing goes through aten.index with a bool index, counted below).
+DATA_SIZED = {"nonzero", "masked_select", "_unique2", "unique_consecutive", "unique_dim"}
 
 
 class SyncCounter:
@@ -37,6 +40,11 @@ class SyncCounter:
                 kwargs = kwargs or {}
                 if func is torch.ops.aten._local_scalar_dense.default:  # item, float, bool, if
                     counter.hit("a tensor read as a Python number")
+                elif func.overloadpacket.__name__ in DATA_SIZED or (
+                    func is torch.ops.aten.index.Tensor
+                    and any(i is not None and i.dtype == torch.bool for i in args[1])
+                ):
+                    counter.hit(f"{func.overloadpacket.__name__}, sized by the data")
                 elif func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
                     src = args[1] if func is torch.ops.aten.copy_.default else args[0]
                     dst = kwargs.get("device") or getattr(args[0], "device", None)

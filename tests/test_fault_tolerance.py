@@ -8,10 +8,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, free_port, kill_tree, read_wandb, run_cli, tiny_config, wandb_env
+from helpers import TINY, free_port, kill_tree, launch, read_wandb, run_cli, tiny_config, wandb_env
 
 import dist_seg.checkpoint
 import dist_seg.train
@@ -132,6 +133,26 @@ def test_skipped_batch_leaves_batchnorm_statistics_as_if_it_never_came(
     assert stats and all(torch.isfinite(nan["model"][k].float()).all() for k in stats)
     for key, tensor in drop["model"].items():
         assert torch.equal(nan["model"][key], tensor), key
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_nan_batch_on_one_rank_is_skipped_by_every_rank(packed, tmp_path):
+    """2 processes: rank 1's third batch is all NaN, rank 0's is fine. Every rank skips that
+    step and puts its BatchNorm statistics back (DDP broadcasts rank 0's buffers), so the
+    run ends as one where both ranks never got their third batch."""
+    over = dict(train={"epochs": 1, "nonfinite": "skip"}, data={"flip": False, "num_workers": 0})
+    worker = str(Path(__file__).with_name("skip_worker.py"))
+    states = {}
+    for mode in ("nan", "drop"):
+        cfg = tiny_config(packed, tmp_path, mode, **over).to_dict()
+        (tmp_path / f"{mode}.json").write_text(json.dumps(cfg))
+        proc = launch(2, [str(tmp_path / f"{mode}.json"), mode], tmp_path, program=[worker])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        states[mode] = load_checkpoint(tmp_path / mode / "last.pt")
+    assert states["nan"]["skipped_batches"] == 1 and states["drop"]["skipped_batches"] == 0
+    for key, tensor in states["drop"]["model"].items():
+        assert torch.equal(states["nan"]["model"][key], tensor), key
 
 
 @pytest.mark.slow

@@ -104,8 +104,10 @@ def test_the_count_sees_a_sync_put_back_into_the_step(packed, tmp_path, monkeypa
         lambda t: t.cpu(),
         lambda t: bool(t.sum() > 0),
         lambda t: torch.tensor([0.5, 0.25], device=t.device),
+        lambda t: t[t > 0],
+        lambda t: t.nonzero(),
     ],
-    ids=["item", "tolist", "cpu", "bool", "tensor-from-python"],
+    ids=["item", "tolist", "cpu", "bool", "tensor-from-python", "bool-mask", "nonzero"],
 )
 def test_the_counter_knows_each_kind_of_sync(call):
     with SyncCounter() as counter:

@@ -226,3 +226,18 @@ def test_ema_of_a_bf16_model_moves_by_a_small_lerp():
     assert ema.module.weight.dtype == torch.float32
     assert ema.module.weight.item() == pytest.approx(1.001, abs=1e-6)
     assert torch.tensor(1.001).to(torch.bfloat16).item() == 1.0  # what bf16 would have kept
+
+
+def test_resume_from_a_foreach_adam_checkpoint_steps_fused(packed, tmp_path):
+    """Checkpoints of earlier versions hold foreach Adam's groups on CPU; loading them must
+    not turn the optimizer back into foreach Adam, which refuses the device-side skip."""
+    cfg = tiny_config(packed, tmp_path, "old", train={"epochs": 1})
+    train(cfg)
+    path = tmp_path / "old" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"], group["foreach"] = None, True  # as written before
+    torch.save(state, path)
+    cfg = tiny_config(packed, tmp_path, "old", train={"epochs": 2})
+    summary = train(cfg, resume="auto")
+    assert summary["epochs_done"] == 2 and summary["ranks_agree"]

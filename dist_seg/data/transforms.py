@@ -14,9 +14,10 @@ def to_device(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(images [B,3,H,W] in [0,1] as ``dtype``, masks uint8 [B,H,W]) on ``device``. ``dtype``
     is the model's (bf16 weights under DeepSpeed bf16; autocast handles the rest)."""
-    non_blocking = batch["image"].is_pinned()
-    images = batch["image"].to(device, non_blocking=non_blocking)
-    masks = batch["mask"].to(device, non_blocking=non_blocking)
+    # Per tensor: with data.decode=gpu the images are on the device already, the masks
+    # pinned; a copy from pinned memory does not wait, one from pageable memory does.
+    images = batch["image"].to(device, non_blocking=batch["image"].is_pinned())
+    masks = batch["mask"].to(device, non_blocking=batch["mask"].is_pinned())
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     images = images.to(dtype=dtype, memory_format=memory_format).div_(255.0)
     return images, masks
