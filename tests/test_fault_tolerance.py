@@ -141,7 +141,7 @@ def test_a_nan_batch_on_one_rank_is_skipped_by_every_rank(packed, tmp_path):
     """2 processes: rank 1's third batch is all NaN, rank 0's is fine. Every rank skips that
     step and puts its BatchNorm statistics back (DDP broadcasts rank 0's buffers), so the
     run ends as one where both ranks never got their third batch."""
-    over = dict(train={"epochs": 1, "nonfinite": "skip"}, data={"flip": False, "num_workers": 0})
+    over = dict(train={"epochs": 1, "nonfinite": "skip"}, data={"flip": False, "num_workers": 2})
     worker = str(Path(__file__).with_name("skip_worker.py"))
     states = {}
     for mode in ("nan", "drop"):
