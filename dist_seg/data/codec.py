@@ -237,6 +237,19 @@ class Reader:
 
     def __call__(self, sample: dict) -> tuple:
         key, image, mask, _ = decode(sample, self.members, with_meta=False)
+        mask, full = self.labels(sample, key, mask, image.shape[:2])
+        if self.size is not None and image.shape[:2] != self.size:
+            image, mask = fit_pair(image, mask, self.size, self.aspect)
+        if self.border is not None:
+            mask = apply_border(mask, self.border)
+        if self.full:
+            return key, image, mask, full
+        return key, image, mask
+
+    def labels(self, sample: dict, key: str, mask: np.ndarray, image_hw: tuple) -> tuple:
+        """(the stored mask as 0/1/255 labels at the image's size ``image_hw``, the
+        original-size mask or None): the mask steps every reader shares (the batch decode
+        of data.decode=gpu too, which never decodes the image here)."""
         if self.trimap:
             from dist_seg.data.masks import trimap_to_mask
 
@@ -246,20 +259,12 @@ class Reader:
                 f"shard {sample.get('__url__', '?')} sample {key!r} member {self.members.mask!r}"
             )
             mask = self.policy.apply(mask, where)
-            if mask.shape != image.shape[:2]:
+            if mask.shape != tuple(image_hw):
                 raise DataError(
                     f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                    f"{image.shape[1]}x{image.shape[0]}"
+                    f"{image_hw[1]}x{image_hw[0]}"
                 )
-        if self.full:
-            full = self._full_mask(sample, key, mask)
-        if self.size is not None and image.shape[:2] != self.size:
-            image, mask = fit_pair(image, mask, self.size, self.aspect)
-        if self.border is not None:
-            mask = apply_border(mask, self.border)
-        if self.full:
-            return key, image, mask, full
-        return key, image, mask
+        return mask, self._full_mask(sample, key, mask) if self.full else None
 
     def _full_mask(self, sample: dict, key: str, mask: np.ndarray) -> np.ndarray:
         if self.members.full_mask and self.members.full_mask in sample:

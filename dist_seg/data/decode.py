@@ -55,7 +55,7 @@ from PIL import Image
 
 from dist_seg.data.codec import IGNORE, Reader, apply_border, decode_member, decode_rgb
 from dist_seg.data.sizes import fit_pair, letterbox
-from dist_seg.errors import DataError, UserError
+from dist_seg.errors import UserError
 
 DECODES = ("cpu", "gpu")
 JPEG, PIXELS = 0, 1  # image_info kinds: JPEG bytes to decode; HxWx3 pixels at the final size
@@ -102,7 +102,7 @@ def jpeg_header(data) -> tuple[int, int] | None:
 class EncodedReader:
     """A ``codec.Reader`` that decodes only the mask: one stored sample -> (key, (image
     bytes as uint8, kind, height, width), mask HxW uint8 0/1/255 at the reader's size[,
-    original-size mask]). Its mask steps are Reader.__call__'s, in the same order
+    original-size mask]). Its mask steps are Reader.labels, then the same fit and border
     (tests/test_decode.py checks both give the same masks, foreign shards included)."""
 
     def __init__(self, reader: Reader):
@@ -130,20 +130,7 @@ class EncodedReader:
             return (key, (np.ascontiguousarray(image).reshape(-1), PIXELS, *r.size), *rest)
         key = sample["__key__"]
         mask = decode_member(sample[r.members.mask], r.members.mask, gray=True)
-        if r.trimap:
-            from dist_seg.data.masks import trimap_to_mask
-
-            mask = trimap_to_mask(mask)
-        if r.policy is not None:
-            where = f"shard {sample.get('__url__', '?')} sample {key!r} member {r.members.mask!r}"
-            mask = r.policy.apply(mask, where)
-            if mask.shape != header:
-                raise DataError(
-                    f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                    f"{header[1]}x{header[0]}"
-                )
-        if r.full:
-            full = r._full_mask(sample, key, mask)
+        mask, full = r.labels(sample, key, mask, header)
         if header != r.size:
             mask = fit_mask(mask, header, r.size, r.aspect)
         if r.border is not None:
